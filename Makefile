@@ -1,0 +1,59 @@
+# edgewire — build, check and test entry points. `make test` is what CI runs (.ci/run).
+
+SHELL := /usr/bin/env bash
+.SHELLFLAGS := -euo pipefail -c
+
+# Go may live outside PATH on a fresh machine.
+ifeq ($(shell command -v go 2>/dev/null),)
+export PATH := $(PATH):/usr/local/go/bin
+endif
+
+GO       ?= go
+BIN      := bin
+# Every main package under cmd/ that has Go files (cmd/meshctl now, cmd/mesh-relay later).
+CMDS     := $(patsubst cmd/%/,%,$(sort $(dir $(wildcard cmd/*/*.go))))
+E2E_PKGS := ./e2e/...
+
+.PHONY: all deps build vet test unit e2e demo bench clean
+
+all: build
+
+deps:
+	scripts/install-deps.sh
+
+build:
+	@mkdir -p $(BIN)
+	@if [[ -z "$(CMDS)" ]]; then echo "build: no commands under cmd/ yet"; fi
+	@for c in $(CMDS); do \
+		echo "go build -o $(BIN)/$$c ./cmd/$$c"; \
+		$(GO) build -o $(BIN)/$$c ./cmd/$$c; \
+	done
+
+vet:
+	@unformatted=$$(gofmt -l .); \
+	if [[ -n "$$unformatted" ]]; then \
+		echo "gofmt: these files need formatting (run gofmt -w):"; echo "$$unformatted"; exit 1; \
+	fi
+	$(GO) vet ./...
+
+# unit: every package except the e2e suite, with the race detector.
+unit:
+	$(GO) test -race -count=1 $$($(GO) list ./... | grep -v '/e2e\(/\|$$\)')
+
+# e2e: the network-namespace scenario tests (root; tools from `make deps`).
+e2e:
+	$(GO) test -count=1 -v -timeout 20m $(E2E_PKGS)
+
+test: deps build vet
+	$(MAKE) unit
+	$(MAKE) e2e
+
+demo: deps build
+	scripts/demo.sh
+
+bench: deps build
+	scripts/bench.sh
+
+clean:
+	rm -rf $(BIN)
+	$(GO) clean -testcache

@@ -1,0 +1,195 @@
+package main
+
+import (
+	"bytes"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"net/netip"
+	"os"
+	"strings"
+	"time"
+
+	"github.com/spf13/pflag"
+	"gopkg.in/yaml.v3"
+)
+
+// upOptions are the settings of `meshctl up`, from flags and the optional --config file.
+type upOptions struct {
+	NodeName       string        `yaml:"nodeName"`
+	ServicesFile   string        `yaml:"servicesFile"`
+	StateDir       string        `yaml:"stateDir"`
+	ServiceCIDR    string        `yaml:"serviceCIDR"`
+	DNSIP          string        `yaml:"dnsIP"`
+	ClusterDomain  string        `yaml:"clusterDomain"`
+	ControlSocket  string        `yaml:"controlSocket"`
+	ResolvConf     string        `yaml:"resolvConf"`
+	Upstreams      []string      `yaml:"upstreams"`
+	TUNName        string        `yaml:"tunName"`
+	MTU            int           `yaml:"mtu"`
+	UDPIdleTimeout time.Duration `yaml:"udpIdleTimeout"`
+	ConnectTimeout time.Duration `yaml:"connectTimeout"`
+	LogLevel       string        `yaml:"logLevel"`
+	LogFormat      string        `yaml:"logFormat"`
+}
+
+// flagNames maps each config file field to its flag: the flag wins when it is set.
+var flagNames = map[string]string{
+	"nodeName": "node-name", "servicesFile": "services-file", "stateDir": "state-dir",
+	"serviceCIDR": "service-cidr", "dnsIP": "dns-ip", "clusterDomain": "cluster-domain",
+	"controlSocket": "control-socket", "resolvConf": "resolv-conf", "upstreams": "upstream",
+	"tunName": "tun-name", "mtu": "mtu", "udpIdleTimeout": "udp-idle-timeout",
+	"connectTimeout": "connect-timeout", "logLevel": "log-level", "logFormat": "log-format",
+}
+
+func (o *upOptions) addFlags(fs *pflag.FlagSet) {
+	host, _ := os.Hostname()
+	fs.StringVar(&o.NodeName, "node-name", host, "this node's name (as in EndpointSlice nodeName)")
+	fs.StringVar(&o.ServicesFile, "services-file", "", "static catalog: YAML of Kubernetes Service and EndpointSlice objects, reloaded on change")
+	fs.StringVar(&o.StateDir, "state-dir", "/var/lib/edgewire", "directory for the node's keys and cached catalog")
+	fs.StringVar(&o.ServiceCIDR, "service-cidr", "9.251.0.0/16", "range of service IPs routed to the TUN device")
+	fs.StringVar(&o.DNSIP, "dns-ip", "169.254.96.16", "address the DNS server answers on (port 53)")
+	fs.StringVar(&o.ClusterDomain, "cluster-domain", "cluster.local", "DNS zone of services")
+	fs.StringVar(&o.ControlSocket, "control-socket", defaultControlSocket, "Unix socket the other meshctl verbs talk to")
+	fs.StringVar(&o.ResolvConf, "resolv-conf", "/etc/resolv.conf", "resolv.conf whose nameservers answer names outside the cluster domain")
+	fs.StringSliceVar(&o.Upstreams, "upstream", nil, "upstream resolver ip[:port] (repeatable); overrides --resolv-conf")
+	fs.StringVar(&o.TUNName, "tun-name", "mesh0", "name of the TUN device")
+	fs.IntVar(&o.MTU, "mtu", 1420, "MTU of the TUN device")
+	fs.DurationVar(&o.UDPIdleTimeout, "udp-idle-timeout", 60*time.Second, "close a UDP flow idle this long")
+	fs.DurationVar(&o.ConnectTimeout, "connect-timeout", 5*time.Second, "deadline to connect to an endpoint, retries included")
+	fs.StringVar(&o.LogLevel, "log-level", "info", "log level: debug, info, warn, error")
+	fs.StringVar(&o.LogFormat, "log-format", "text", "log format: text or json")
+}
+
+// loadConfigFile fills the fields of o whose flags were not set from the YAML file at path.
+// Unknown fields are an error, so a typo does not pass silently.
+func (o *upOptions) loadConfigFile(path string, fs *pflag.FlagSet) error {
+	data, err := os.ReadFile(path)
+	if err != nil {
+		return fmt.Errorf("config %s: %w", path, err)
+	}
+	var raw map[string]yaml.Node
+	if err := yaml.Unmarshal(data, &raw); err != nil {
+		return fmt.Errorf("config %s: %w", path, err)
+	}
+	var fromFile upOptions
+	dec := yaml.NewDecoder(bytes.NewReader(data))
+	dec.KnownFields(true)
+	if err := dec.Decode(&fromFile); err != nil && !errors.Is(err, io.EOF) {
+		return fmt.Errorf("config %s: %w", path, err)
+	}
+	for key := range raw {
+		flag, ok := flagNames[key]
+		if !ok || fs.Changed(flag) {
+			continue
+		}
+		switch key {
+		case "nodeName":
+			o.NodeName = fromFile.NodeName
+		case "servicesFile":
+			o.ServicesFile = fromFile.ServicesFile
+		case "stateDir":
+			o.StateDir = fromFile.StateDir
+		case "serviceCIDR":
+			o.ServiceCIDR = fromFile.ServiceCIDR
+		case "dnsIP":
+			o.DNSIP = fromFile.DNSIP
+		case "clusterDomain":
+			o.ClusterDomain = fromFile.ClusterDomain
+		case "controlSocket":
+			o.ControlSocket = fromFile.ControlSocket
+		case "resolvConf":
+			o.ResolvConf = fromFile.ResolvConf
+		case "upstreams":
+			o.Upstreams = fromFile.Upstreams
+		case "tunName":
+			o.TUNName = fromFile.TUNName
+		case "mtu":
+			o.MTU = fromFile.MTU
+		case "udpIdleTimeout":
+			o.UDPIdleTimeout = fromFile.UDPIdleTimeout
+		case "connectTimeout":
+			o.ConnectTimeout = fromFile.ConnectTimeout
+		case "logLevel":
+			o.LogLevel = fromFile.LogLevel
+		case "logFormat":
+			o.LogFormat = fromFile.LogFormat
+		}
+	}
+	return nil
+}
+
+// parsed is upOptions checked and converted to typed values.
+type parsed struct {
+	serviceCIDR netip.Prefix
+	dnsIP       netip.Addr
+	upstreams   []string
+}
+
+func (o *upOptions) parse() (parsed, error) {
+	var p parsed
+	var err error
+	if p.serviceCIDR, err = netip.ParsePrefix(o.ServiceCIDR); err != nil {
+		return p, fmt.Errorf("--service-cidr %q: want a CIDR such as 9.251.0.0/16: %w", o.ServiceCIDR, err)
+	}
+	if p.serviceCIDR.Masked() != p.serviceCIDR {
+		return p, fmt.Errorf("--service-cidr %q: host bits set (did you mean %s?)", o.ServiceCIDR, p.serviceCIDR.Masked())
+	}
+	if p.dnsIP, err = netip.ParseAddr(o.DNSIP); err != nil {
+		return p, fmt.Errorf("--dns-ip %q: want an IP address such as 169.254.96.16: %w", o.DNSIP, err)
+	}
+	if o.NodeName == "" {
+		return p, errors.New("--node-name is empty and the hostname is unknown: set --node-name")
+	}
+	if o.ServicesFile == "" {
+		return p, errors.New("no catalog: set --services-file to a YAML file of Service and EndpointSlice objects")
+	}
+	if strings.Trim(o.ClusterDomain, ".") == "" {
+		return p, errors.New("--cluster-domain is empty")
+	}
+	if o.MTU < 1280 || o.MTU > 65535 {
+		return p, fmt.Errorf("--mtu %d: must be 1280-65535", o.MTU)
+	}
+	if o.UDPIdleTimeout <= 0 {
+		return p, fmt.Errorf("--udp-idle-timeout %s: must be positive", o.UDPIdleTimeout)
+	}
+	if o.ConnectTimeout <= 0 {
+		return p, fmt.Errorf("--connect-timeout %s: must be positive", o.ConnectTimeout)
+	}
+	for _, u := range o.Upstreams {
+		ap, err := parseUpstream(u)
+		if err != nil {
+			return p, err
+		}
+		p.upstreams = append(p.upstreams, ap.String())
+	}
+	return p, nil
+}
+
+func parseUpstream(s string) (netip.AddrPort, error) {
+	if ap, err := netip.ParseAddrPort(s); err == nil {
+		return ap, nil
+	}
+	addr, err := netip.ParseAddr(strings.Trim(s, "[]"))
+	if err != nil {
+		return netip.AddrPort{}, fmt.Errorf("--upstream %q: want ip or ip:port", s)
+	}
+	return netip.AddrPortFrom(addr, 53), nil
+}
+
+func newLogger(level, format string) (*slog.Logger, error) {
+	var lv slog.Level
+	if err := lv.UnmarshalText([]byte(level)); err != nil {
+		return nil, fmt.Errorf("--log-level %q: want debug, info, warn or error", level)
+	}
+	opts := &slog.HandlerOptions{Level: lv}
+	switch format {
+	case "text":
+		return slog.New(slog.NewTextHandler(os.Stderr, opts)), nil
+	case "json":
+		return slog.New(slog.NewJSONHandler(os.Stderr, opts)), nil
+	default:
+		return nil, fmt.Errorf("--log-format %q: want text or json", format)
+	}
+}

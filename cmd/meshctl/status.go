@@ -1,0 +1,70 @@
+package main
+
+import (
+	"fmt"
+	"strings"
+	"time"
+
+	"github.com/spf13/cobra"
+
+	"github.com/edgewire/edgewire/overlay/control"
+)
+
+func newStatusCmd() *cobra.Command {
+	var socket string
+	var asJSON bool
+	cmd := &cobra.Command{
+		Use:   "status",
+		Short: "Show the running agent's state",
+		Long: `status asks the running agent for its state: node name, service range, DNS address,
+how many services and endpoints its catalog holds, how long it has been up, and counters
+of flows and DNS queries.
+
+With --json it prints the whole status object for scripts. It exits non-zero when no
+agent answers on the control socket, so "meshctl status --json" doubles as a readiness check.`,
+		Args: cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			st, err := control.NewClient(socket).Status(cmd.Context())
+			if err != nil {
+				return err
+			}
+			w := cmd.OutOrStdout()
+			if asJSON {
+				return printJSON(w, st)
+			}
+			t := newTable(w)
+			fmt.Fprintf(t, "Node:\t%s\n", st.Node)
+			fmt.Fprintf(t, "Version:\t%s\n", st.Version)
+			fmt.Fprintf(t, "TUN:\t%s\n", st.TUN)
+			fmt.Fprintf(t, "Service CIDR:\t%s\n", st.ServiceCIDR)
+			fmt.Fprintf(t, "DNS:\t%s:53 (zone %s; upstreams %s)\n", st.DNSIP, st.ClusterDomain, orNone(st.Upstreams))
+			fmt.Fprintf(t, "Catalog:\t%s, updated %s ago\n", st.CatalogSource, since(st.CatalogUpdatedAt))
+			fmt.Fprintf(t, "Services:\t%d\n", st.Services)
+			fmt.Fprintf(t, "Endpoints:\t%d (%d ready)\n", st.Endpoints, st.ReadyEndpoints)
+			fmt.Fprintf(t, "Uptime:\t%s\n", (time.Duration(st.UptimeSeconds) * time.Second).String())
+			fmt.Fprintf(t, "Flows:\t%d ok, %d no service, %d no endpoints, %d dial failures, %d retries; active %d tcp, %d udp\n",
+				st.Flows.OK, st.Flows.NoService, st.Flows.NoEndpoints, st.Flows.DialFailures, st.Flows.Retries,
+				st.Flows.ActiveTCP, st.Flows.ActiveUDP)
+			fmt.Fprintf(t, "DNS queries:\t%d (%d cluster, %d nxdomain, %d forwarded, %d cache hits, %d formerr, %d servfail)\n",
+				st.DNS.Queries, st.DNS.Cluster, st.DNS.NXDomain, st.DNS.Forwarded, st.DNS.CacheHits, st.DNS.FormErr, st.DNS.ServFail)
+			return t.Flush()
+		},
+	}
+	addControlSocketFlag(cmd, &socket)
+	cmd.Flags().BoolVar(&asJSON, "json", false, "print JSON")
+	return cmd
+}
+
+func orNone(ss []string) string {
+	if len(ss) == 0 {
+		return "none"
+	}
+	return strings.Join(ss, ", ")
+}
+
+func since(t time.Time) string {
+	if t.IsZero() {
+		return "never"
+	}
+	return time.Since(t).Round(time.Second).String()
+}

@@ -1,0 +1,106 @@
+package main
+
+import (
+	"context"
+	"fmt"
+	"os"
+	"os/signal"
+	"syscall"
+
+	"github.com/spf13/cobra"
+
+	"github.com/edgewire/edgewire/discovery/static"
+	"github.com/edgewire/edgewire/dns"
+	"github.com/edgewire/edgewire/overlay"
+)
+
+func newUpCmd() *cobra.Command {
+	var o upOptions
+	var configPath string
+	cmd := &cobra.Command{
+		Use:   "up",
+		Short: "Run the node agent in the foreground",
+		Long: `up runs the edgewire node agent in the foreground until SIGINT or SIGTERM (or
+"meshctl down"), then removes everything it added to the host.
+
+The agent creates the TUN device mesh0 (--tun-name) and routes the service range
+(--service-cidr, default 9.251.0.0/16) and the DNS address (--dns-ip, default 169.254.96.16)
+to it; it adds no other route and no iptables rule. Connections and UDP flows to a service
+IP are terminated in a userspace network stack and spliced to a healthy endpoint chosen by
+the service's load-balancing policy; DNS for the cluster domain is answered at the DNS
+address, and other names are forwarded to the resolvers of --resolv-conf (or --upstream).
+Point the node's /etc/resolv.conf at the DNS address to reach services by name.
+
+The catalog comes from --services-file: a YAML file of ordinary Kubernetes Service and
+discovery.k8s.io/v1 EndpointSlice objects ("kubectl get svc,endpointslices -o yaml" output
+loads). The file is reloaded when it changes; an invalid file is reported in the log with
+the document and field at fault, and the last good catalog stays in force.
+
+Every flag can also be set in a YAML file given with --config, using the camelCase field
+names (nodeName, servicesFile, stateDir, serviceCIDR, dnsIP, clusterDomain, controlSocket,
+resolvConf, upstreams, tunName, mtu, udpIdleTimeout, connectTimeout, logLevel, logFormat).
+Flags given on the command line win over the file.
+
+up needs root (or CAP_NET_ADMIN) for the TUN device and its routes.`,
+		Example: `  meshctl up --node-name edge-1 --services-file /etc/edgewire/services.yaml
+  meshctl up --config /etc/edgewire/config.yaml`,
+		Args: cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			if configPath != "" {
+				if err := o.loadConfigFile(configPath, cmd.Flags()); err != nil {
+					return err
+				}
+			}
+			return runUp(cmd.Context(), &o)
+		},
+	}
+	o.addFlags(cmd.Flags())
+	cmd.Flags().StringVar(&configPath, "config", "", "YAML config file (flags win over it)")
+	return cmd
+}
+
+func runUp(ctx context.Context, o *upOptions) error {
+	p, err := o.parse()
+	if err != nil {
+		return err
+	}
+	logger, err := newLogger(o.LogLevel, o.LogFormat)
+	if err != nil {
+		return err
+	}
+	upstreams := p.upstreams
+	if len(upstreams) == 0 && o.ResolvConf != "" {
+		upstreams, err = dns.ReadResolvConf(o.ResolvConf, p.dnsIP)
+		if err != nil {
+			logger.Warn("no upstream resolvers: names outside the cluster domain will fail", "resolv_conf", o.ResolvConf, "err", err)
+		}
+	}
+	agent, err := overlay.New(overlay.Config{
+		Logger:         logger,
+		NodeName:       o.NodeName,
+		StateDir:       o.StateDir,
+		ServiceCIDR:    p.serviceCIDR,
+		DNSIP:          p.dnsIP,
+		ClusterDomain:  o.ClusterDomain,
+		ControlSocket:  o.ControlSocket,
+		TUNName:        o.TUNName,
+		MTU:            o.MTU,
+		UDPIdleTimeout: o.UDPIdleTimeout,
+		ConnectTimeout: o.ConnectTimeout,
+		Upstreams:      upstreams,
+		Source:         static.New(static.Config{Path: o.ServicesFile, Logger: logger}),
+		SourceName:     "file " + o.ServicesFile,
+	})
+	if err != nil {
+		return err
+	}
+	if ctx == nil {
+		ctx = context.Background()
+	}
+	ctx, stop := signal.NotifyContext(ctx, os.Interrupt, syscall.SIGTERM)
+	defer stop()
+	if err := agent.Run(ctx); err != nil {
+		return fmt.Errorf("up: %w", err)
+	}
+	return nil
+}

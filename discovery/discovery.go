@@ -1,0 +1,141 @@
+// Package discovery owns the catalog model of the mesh: one immutable Snapshot of services (name,
+// namespace, service IP, ports, endpoints with node, readiness and zone) and nodes, and the Source
+// interface that produces snapshots. Sources convert whatever they read (a static file of Kubernetes
+// objects in discovery/static, the Kubernetes API in discovery/k8s) into these types at their
+// boundary, so nothing downstream of discovery knows about Kubernetes objects.
+//
+// A Snapshot, once passed to a consumer, is never modified: a change in the world produces a new one.
+package discovery
+
+import (
+	"context"
+	"net/netip"
+	"time"
+)
+
+// Protocol is a transport protocol of a service port, spelled as Kubernetes spells it.
+type Protocol string
+
+// Protocols a service port may carry.
+const (
+	TCP  Protocol = "TCP"
+	UDP  Protocol = "UDP"
+	SCTP Protocol = "SCTP"
+)
+
+// Annotations understood on a Service (see docs/services.md).
+const (
+	// AnnotationLBPolicy selects the load-balancing policy of a service: "round-robin" (default),
+	// "random" or "source-hash".
+	AnnotationLBPolicy = "edgewire.io/lb-policy"
+)
+
+// Snapshot is the whole catalog at one moment. Services are sorted by namespace, then name; nodes by
+// name. The zero Snapshot is an empty catalog.
+type Snapshot struct {
+	Services []*Service
+	Nodes    []*Node
+}
+
+// Service is a stripped-down Kubernetes Service joined with its EndpointSlices: only what the mesh
+// needs.
+type Service struct {
+	Namespace string
+	Name      string
+
+	// ClusterIP is the address the source gave the service, or the zero Addr when it had none.
+	ClusterIP netip.Addr
+	// Headless is true for `clusterIP: None`: DNS answers with the ready endpoint addresses and the
+	// service gets no service IP.
+	Headless bool
+	// ExternalName is set for services of type ExternalName (DNS answers with a CNAME).
+	ExternalName string
+
+	// IP is the service IP inside the mesh's service CIDR, set by AssignIPs. It is the zero Addr for
+	// headless and ExternalName services.
+	IP netip.Addr
+
+	Ports     []ServicePort
+	Endpoints []Endpoint
+
+	// SessionAffinity is true for `sessionAffinity: ClientIP`; AffinityTimeout is its
+	// timeoutSeconds (Kubernetes' default is 10800 s).
+	SessionAffinity bool
+	AffinityTimeout time.Duration
+
+	// Annotations are the Service's metadata.annotations (nil when it has none).
+	Annotations map[string]string
+}
+
+// Key returns "namespace/name".
+func (s *Service) Key() string { return s.Namespace + "/" + s.Name }
+
+// ServicePort is one entry of a Service's spec.ports.
+type ServicePort struct {
+	Name     string
+	Protocol Protocol
+	Port     uint16
+	// TargetPort is the endpoint port by number; when zero, TargetPortName names an endpoint port
+	// (resolved per endpoint through Endpoint.Ports). When both are empty, the target is Port.
+	TargetPort     uint16
+	TargetPortName string
+}
+
+// Endpoint is one endpoint of an EndpointSlice, with the ports of the slice it came from.
+type Endpoint struct {
+	Addresses   []netip.Addr
+	Hostname    string
+	NodeName    string
+	Zone        string
+	Ready       bool
+	Serving     bool
+	Terminating bool
+	Ports       []EndpointPort
+}
+
+// EndpointPort is one entry of an EndpointSlice's ports.
+type EndpointPort struct {
+	Name     string
+	Protocol Protocol
+	Port     uint16
+}
+
+// Node is a node of the mesh. Later sources fill in its WireGuard key and addresses.
+type Node struct {
+	Name        string
+	Annotations map[string]string
+}
+
+// Source produces catalog snapshots.
+type Source interface {
+	// Run watches the source and calls update with every new snapshot, first with the initial one,
+	// until ctx is done; it then returns nil. update is never called concurrently with itself. Run
+	// returns an error only when the source cannot work at all (its initial state cannot be read);
+	// later errors are logged and the last good snapshot stays in force.
+	Run(ctx context.Context, update func(*Snapshot)) error
+}
+
+// TargetFor resolves the endpoint port that a flow to service port sp uses on endpoint ep, the way
+// kube-proxy does: the endpoint's slice port with the service port's name wins (that is how the
+// EndpointSlice controller publishes a resolved targetPort); else a slice port named by a named
+// targetPort; else the numeric targetPort; else the service port itself. ok is false when sp names a
+// target port that the endpoint does not have.
+func (sp ServicePort) TargetFor(ep *Endpoint) (port uint16, ok bool) {
+	for _, p := range ep.Ports {
+		if p.Name == sp.Name && p.Protocol == sp.Protocol && p.Port != 0 {
+			return p.Port, true
+		}
+	}
+	if sp.TargetPortName != "" {
+		for _, p := range ep.Ports {
+			if p.Name == sp.TargetPortName && p.Protocol == sp.Protocol && p.Port != 0 {
+				return p.Port, true
+			}
+		}
+		return 0, false
+	}
+	if sp.TargetPort != 0 {
+		return sp.TargetPort, true
+	}
+	return sp.Port, true
+}

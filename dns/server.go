@@ -1,0 +1,405 @@
+// Package dns owns the mesh's embedded DNS server: it answers for the cluster domain (A/AAAA of
+// services, the ready endpoint addresses of headless services, SRV for named ports, PTR for service
+// IPs, CNAME for ExternalName services, NXDOMAIN/NODATA with the zone's SOA) from an immutable index
+// rebuilt on every catalog snapshot, over UDP (with EDNS0 and truncation) and TCP, and forwards every
+// other name to the host's upstream resolvers through a TTL-honouring cache. It also reads those
+// upstreams from a resolv.conf.
+//
+// The server is built on github.com/miekg/dns. Server is an mdns.Handler, so it can be tested
+// in-process through a recorder; Start serves it on a PacketConn and a Listener handed in by the
+// caller (in the agent, sockets of the gVisor service netstack at the DNS address).
+package dns
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net"
+	"net/netip"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	mdns "github.com/miekg/dns"
+
+	"github.com/edgewire/edgewire/discovery"
+)
+
+// Defaults of Config.
+const (
+	DefaultDomain         = "cluster.local"
+	DefaultTTL            = 5
+	DefaultForwardTimeout = 2 * time.Second
+	DefaultCacheSize      = 10000
+)
+
+// ednsSize is the UDP payload size the server advertises in its OPT records and the size of its
+// UDP read buffer.
+const ednsSize = 4096
+
+// Config configures a Server. The zero value of each field means its default.
+type Config struct {
+	// Logger receives the server's logs; nil discards them.
+	Logger *slog.Logger
+	// Domain is the cluster domain (default "cluster.local"), matched case-insensitively.
+	Domain string
+	// TTL is the TTL of cluster answers and the negative TTL of the zone's SOA, in seconds
+	// (default 5, as CoreDNS's kubernetes plugin).
+	TTL uint32
+	// Upstreams are the resolvers ("ip:port", IPv6 bracketed) that names outside the cluster
+	// domain are forwarded to, tried in order. Empty: such names get SERVFAIL.
+	Upstreams []string
+	// ForwardTimeout bounds one exchange with one upstream (default 2 s).
+	ForwardTimeout time.Duration
+	// CacheSize bounds the number of cached upstream answers (default 10000); negative disables
+	// the cache.
+	CacheSize int
+	// Addr is the server's own address (the agent's DNS IP). When valid, the apex NS record's
+	// target ns.dns.<domain> resolves to it. Optional.
+	Addr netip.Addr
+}
+
+// Stats are the server's counters since New. Every query handled is counted in Queries and in
+// exactly one of Cluster, Forwarded, CacheHits, FormErr, NotImp, ServFail and Refused; NXDomain
+// counts a subset of Cluster. Dropped packets are not queries and are not in Queries.
+type Stats struct {
+	Queries   uint64 // queries handled, including the malformed ones answered with FORMERR/NOTIMP
+	Cluster   uint64 // answered from the cluster records (positive, NODATA or NXDOMAIN)
+	NXDomain  uint64 // NXDOMAIN answers for names in the cluster domain
+	Forwarded uint64 // answered by an upstream (cache misses)
+	CacheHits uint64 // answered from the forwarding cache
+	FormErr   uint64 // malformed queries answered with FORMERR (or BADVERS for EDNS versions > 0)
+	NotImp    uint64 // queries of an unsupported opcode answered with NOTIMP
+	ServFail  uint64 // outside names that no upstream answered (or no upstream configured)
+	Refused   uint64 // cluster names asked in a class other than IN/ANY
+	Dropped   uint64 // packets too short to hold a DNS header: no reply is possible
+}
+
+// Server is the DNS server. Its methods are safe for concurrent use.
+//
+// States: new → (Start) → serving → (Close) → closed; Close also goes straight from new to closed.
+// Update, ServeDNS, Lookup and Stats work in every state (Lookup fails once closed).
+type Server struct {
+	logger    *slog.Logger
+	zone      string // lowercase fqdn
+	dotZone   string
+	ttl       uint32
+	self      netip.Addr
+	upstreams []string
+	timeout   time.Duration
+	cache     *cache // nil when disabled
+	now       func() time.Time
+
+	idx atomic.Pointer[index]
+
+	ctx    context.Context // canceled by Close: aborts upstream exchanges
+	cancel context.CancelFunc
+	wg     sync.WaitGroup // the serving goroutines started by Start
+
+	queries, cluster, nxdomain, forwarded, cacheHits atomic.Uint64
+	formErr, notImp, servFail, refused, dropped      atomic.Uint64
+
+	forwardLog, writeLog rateLimit
+
+	mu      sync.Mutex // mu guards all following fields
+	started bool
+	closed  bool
+	servers []*mdns.Server
+}
+
+var _ mdns.Handler = (*Server)(nil)
+
+// New validates cfg and returns a server with an empty catalog. It starts nothing.
+func New(cfg Config) (*Server, error) {
+	domain := strings.TrimSuffix(strings.ToLower(cfg.Domain), ".")
+	if domain == "" {
+		domain = DefaultDomain
+	}
+	if _, ok := mdns.IsDomainName(domain); !ok || strings.Contains(domain, "..") || !isDNSName(domain) {
+		return nil, fmt.Errorf("dns: domain %q is not a domain name", cfg.Domain)
+	}
+	if cfg.TTL == 0 {
+		cfg.TTL = DefaultTTL
+	}
+	if cfg.ForwardTimeout < 0 {
+		return nil, fmt.Errorf("dns: negative forward timeout %v", cfg.ForwardTimeout)
+	}
+	if cfg.ForwardTimeout == 0 {
+		cfg.ForwardTimeout = DefaultForwardTimeout
+	}
+	if cfg.CacheSize == 0 {
+		cfg.CacheSize = DefaultCacheSize
+	}
+	ups := make([]string, 0, len(cfg.Upstreams))
+	for _, u := range cfg.Upstreams {
+		ap, err := netip.ParseAddrPort(u)
+		if err != nil {
+			return nil, fmt.Errorf("dns: upstream %q: want ip:port: %w", u, err)
+		}
+		if ap.Port() == 0 {
+			return nil, fmt.Errorf("dns: upstream %q: port 0", u)
+		}
+		ups = append(ups, ap.String())
+	}
+	logger := cfg.Logger
+	if logger == nil {
+		logger = slog.New(slog.DiscardHandler)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	s := &Server{
+		logger:    logger.With("component", "dns"),
+		zone:      domain + ".",
+		dotZone:   "." + domain + ".",
+		ttl:       cfg.TTL,
+		self:      cfg.Addr,
+		upstreams: ups,
+		timeout:   cfg.ForwardTimeout,
+		now:       time.Now,
+		ctx:       ctx,
+		cancel:    cancel,
+	}
+	if cfg.CacheSize > 0 {
+		s.cache = newCache(cfg.CacheSize)
+	}
+	s.idx.Store(buildIndex(nil, s.zone, s.ttl, s.self, serialNow(s.now())))
+	return s, nil
+}
+
+// isDNSName reports whether every label of the dotted name d is a valid label.
+func isDNSName(d string) bool {
+	for l := range strings.SplitSeq(d, ".") {
+		if !isLabel(l) {
+			return false
+		}
+	}
+	return true
+}
+
+// Update replaces the cluster records with those of snap (nil: an empty catalog). Queries see
+// either the old records or the new ones, never a mix. snap is not modified or retained.
+func (s *Server) Update(snap *discovery.Snapshot) {
+	start := time.Now()
+	idx := buildIndex(snap, s.zone, s.ttl, s.self, serialNow(s.now()))
+	s.idx.Store(idx)
+	if idx.skipped > 0 {
+		s.logger.Warn("services without a DNS name skipped", "count", idx.skipped)
+	}
+	s.logger.Debug("records updated", "names", len(idx.names), "took", time.Since(start))
+}
+
+// Start serves DNS on pc (UDP) and ln (TCP) until Close; either may be nil, not both. The server
+// owns pc and ln from then on: Close closes them. Start returns once both are being served.
+func (s *Server) Start(pc net.PacketConn, ln net.Listener) error {
+	if pc == nil && ln == nil {
+		return errors.New("dns: start: no packet conn and no listener")
+	}
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.closed {
+		return fmt.Errorf("dns: start: %w", net.ErrClosed)
+	}
+	if s.started {
+		return errors.New("dns: start: already started")
+	}
+	s.started = true
+	if pc != nil {
+		if _, ok := pc.(*net.UDPConn); !ok {
+			pc = temporaryTimeouts{pc}
+		}
+		srv := s.newMiekg()
+		srv.PacketConn = pc
+		if err := s.serveLocked(srv, "udp", pc.LocalAddr()); err != nil {
+			if ln != nil {
+				ln.Close()
+			}
+			return err
+		}
+	}
+	if ln != nil {
+		srv := s.newMiekg()
+		srv.Listener = ln
+		if err := s.serveLocked(srv, "tcp", ln.Addr()); err != nil {
+			s.shutdownLocked()
+			return err
+		}
+	}
+	return nil
+}
+
+// newMiekg returns a miekg server configured to hand queries to s.
+func (s *Server) newMiekg() *mdns.Server {
+	return &mdns.Server{
+		Handler:        s,
+		UDPSize:        ednsSize,
+		MsgAcceptFunc:  s.accept,
+		MsgInvalidFunc: s.invalid,
+	}
+}
+
+// serveLocked runs srv in a goroutine and waits until it serves or fails to start.
+func (s *Server) serveLocked(srv *mdns.Server, network string, addr net.Addr) error {
+	started := make(chan struct{})
+	failed := make(chan error, 1)
+	srv.NotifyStartedFunc = func() { close(started) }
+	s.wg.Add(1)
+	go func() {
+		defer s.wg.Done()
+		err := srv.ActivateAndServe()
+		select {
+		case <-started:
+			if err != nil {
+				s.logger.Error("dns serving stopped", "net", network, "addr", addr, "err", err)
+			}
+		default:
+			if err == nil {
+				err = errors.New("stopped before serving")
+			}
+			failed <- err
+		}
+	}()
+	select {
+	case <-started:
+		s.servers = append(s.servers, srv)
+		s.logger.Info("dns serving", "net", network, "addr", addr)
+		return nil
+	case err := <-failed:
+		return fmt.Errorf("dns: serve %s %v: %w", network, addr, err)
+	}
+}
+
+// Close stops serving, closes the conns given to Start, aborts upstream exchanges in flight and
+// waits for every goroutine the server started. It is idempotent.
+func (s *Server) Close() error {
+	s.mu.Lock()
+	if s.closed {
+		s.mu.Unlock()
+		return nil
+	}
+	s.closed = true
+	s.cancel()
+	err := s.shutdownLocked()
+	s.mu.Unlock()
+	s.wg.Wait()
+	return err
+}
+
+// shutdownLocked shuts the miekg servers down and forgets them.
+func (s *Server) shutdownLocked() error {
+	var errs []error
+	for _, srv := range s.servers {
+		if err := srv.Shutdown(); err != nil {
+			errs = append(errs, err)
+		}
+	}
+	s.servers = nil
+	if len(errs) > 0 {
+		return fmt.Errorf("dns: close: %w", errors.Join(errs...))
+	}
+	return nil
+}
+
+// Stats returns a copy of the counters.
+func (s *Server) Stats() Stats {
+	return Stats{
+		Queries:   s.queries.Load(),
+		Cluster:   s.cluster.Load(),
+		NXDomain:  s.nxdomain.Load(),
+		Forwarded: s.forwarded.Load(),
+		CacheHits: s.cacheHits.Load(),
+		FormErr:   s.formErr.Load(),
+		NotImp:    s.notImp.Load(),
+		ServFail:  s.servFail.Load(),
+		Refused:   s.refused.Load(),
+		Dropped:   s.dropped.Load(),
+	}
+}
+
+// Lookup runs one query for name (made fully qualified) and qtype through the handler, in-process,
+// as if it came over TCP (no truncation), and returns the reply. It is what `meshctl resolve`
+// shows. ctx bounds upstream exchanges.
+func (s *Server) Lookup(ctx context.Context, name string, qtype uint16) (*mdns.Msg, error) {
+	s.mu.Lock()
+	closed := s.closed
+	s.mu.Unlock()
+	if closed {
+		return nil, fmt.Errorf("dns: lookup %s: %w", name, net.ErrClosed)
+	}
+	if name == "" {
+		return nil, errors.New("dns: lookup: empty name")
+	}
+	fq := mdns.Fqdn(name)
+	if _, ok := mdns.IsDomainName(fq); !ok {
+		return nil, fmt.Errorf("dns: lookup %q: not a domain name", name)
+	}
+	r := new(mdns.Msg)
+	r.SetQuestion(fq, qtype)
+	m := s.reply(ctx, r, true)
+	if m == nil {
+		return nil, fmt.Errorf("dns: lookup %s: no reply", name)
+	}
+	return m, nil
+}
+
+// accept is the miekg MsgAcceptFunc: it decides from the header alone. Unlike miekg's default,
+// a message that is a response gets FORMERR rather than silence, as does one with a question
+// count other than 1, and every rejection is counted.
+func (s *Server) accept(dh mdns.Header) mdns.MsgAcceptAction {
+	const qr = 1 << 15
+	opcode := int(dh.Bits>>11) & 0xF
+	switch {
+	case dh.Bits&qr != 0, dh.Qdcount != 1, dh.Ancount > 1, dh.Nscount > 1, dh.Arcount > 2:
+		s.queries.Add(1)
+		s.formErr.Add(1)
+		return mdns.MsgReject
+	case opcode != mdns.OpcodeQuery:
+		s.queries.Add(1)
+		s.notImp.Add(1)
+		return mdns.MsgRejectNotImplemented
+	}
+	return mdns.MsgAccept
+}
+
+// invalid is the miekg MsgInvalidFunc. miekg calls it for a packet shorter than a header (it then
+// sends nothing) and for an accepted header whose body does not parse (it then sends FORMERR).
+func (s *Server) invalid(m []byte, err error) {
+	if len(m) < 12 {
+		s.dropped.Add(1)
+		return
+	}
+	s.queries.Add(1)
+	s.formErr.Add(1)
+}
+
+// temporaryTimeouts wraps a PacketConn that is not a *net.UDPConn. miekg's generic PacketConn
+// path re-arms a read deadline before every read and stops serving on any read error that is not
+// Temporary; a timeout is always temporary for it here, whatever the conn's error type says.
+type temporaryTimeouts struct{ net.PacketConn }
+
+func (c temporaryTimeouts) ReadFrom(b []byte) (int, net.Addr, error) {
+	n, addr, err := c.PacketConn.ReadFrom(b)
+	if ne, ok := err.(net.Error); ok && ne.Timeout() {
+		err = timeoutErr{err}
+	}
+	return n, addr, err
+}
+
+type timeoutErr struct{ error }
+
+func (e timeoutErr) Unwrap() error   { return e.error }
+func (e timeoutErr) Timeout() bool   { return true }
+func (e timeoutErr) Temporary() bool { return true }
+
+// rateLimit lets one log line through per interval.
+type rateLimit struct{ last atomic.Int64 }
+
+const logInterval = 10 * time.Second
+
+func (r *rateLimit) allow(now time.Time) bool {
+	last := r.last.Load()
+	if now.UnixNano()-last < int64(logInterval) {
+		return false
+	}
+	return r.last.CompareAndSwap(last, now.UnixNano())
+}

@@ -1,0 +1,157 @@
+package e2e
+
+import (
+	"bytes"
+	"errors"
+	"fmt"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"syscall"
+	"testing"
+	"time"
+)
+
+// errSignaled marks the exit of a process that Stop ended with a signal.
+var errSignaled = errors.New("ended by signal")
+
+// Proc is a long-running process in a namespace, its stdout and stderr going to a log file in the
+// lab's directory. The lab stops it at teardown if the test did not.
+type Proc struct {
+	// Name identifies the process in logs ("agent", "b1-http").
+	Name string
+	// LogPath is the file receiving its stdout and stderr.
+	LogPath string
+
+	cmd  *exec.Cmd
+	done chan struct{} // closed when the process has exited; err is then set
+	err  error
+}
+
+// Start runs args in n in the background. The process's own PID is the one Proc signals:
+// `ip netns exec` execs the command in place.
+func (n *Node) Start(t testing.TB, name string, args ...string) *Proc {
+	t.Helper()
+	logPath := filepath.Join(n.lab.Dir, fmt.Sprintf("%s-%s.log", n.Role, name))
+	f, err := os.OpenFile(logPath, os.O_CREATE|os.O_WRONLY|os.O_APPEND, 0o644)
+	if err != nil {
+		t.Fatalf("start %s: log file: %v", name, err)
+	}
+	cmd := exec.Command("ip", append([]string{"netns", "exec", n.NS}, args...)...)
+	cmd.Stdout, cmd.Stderr = f, f
+	if err := cmd.Start(); err != nil {
+		f.Close()
+		t.Fatalf("start %s in %s: %s: %v", name, n.Role, strings.Join(args, " "), err)
+	}
+	p := &Proc{Name: name, LogPath: logPath, cmd: cmd, done: make(chan struct{})}
+	go func() {
+		p.err = cmd.Wait()
+		f.Close()
+		close(p.done)
+	}()
+	n.lab.mu.Lock()
+	n.lab.procs = append(n.lab.procs, p)
+	n.lab.mu.Unlock()
+	return p
+}
+
+// PID returns the process id.
+func (p *Proc) PID() int { return p.cmd.Process.Pid }
+
+// Exited reports whether the process has ended.
+func (p *Proc) Exited() bool {
+	select {
+	case <-p.done:
+		return true
+	default:
+		return false
+	}
+}
+
+// Signal sends sig to the process (a no-op once it has exited).
+func (p *Proc) Signal(sig syscall.Signal) error {
+	if p.Exited() {
+		return nil
+	}
+	if err := p.cmd.Process.Signal(sig); err != nil && !errors.Is(err, os.ErrProcessDone) {
+		return fmt.Errorf("signal %s to %s (pid %d): %w", sig, p.Name, p.PID(), err)
+	}
+	return nil
+}
+
+// Wait waits up to timeout for the process to exit and returns its exit error (nil for status 0).
+func (p *Proc) Wait(timeout time.Duration) error {
+	timer := time.NewTimer(timeout)
+	defer timer.Stop()
+	select {
+	case <-p.done:
+		if p.err != nil {
+			return fmt.Errorf("%s: %w", p.Name, p.err)
+		}
+		return nil
+	case <-timer.C:
+		return fmt.Errorf("%s (pid %d) still running after %v", p.Name, p.PID(), timeout)
+	}
+}
+
+// Stop sends SIGTERM, waits up to grace, then SIGKILLs. It returns the exit error; a process that
+// was already gone or had to be killed returns an error wrapping errSignaled.
+func (p *Proc) Stop(grace time.Duration) error {
+	if p.Exited() {
+		return p.Wait(0)
+	}
+	if err := p.Signal(syscall.SIGTERM); err != nil {
+		return err
+	}
+	if err := p.Wait(grace); err == nil || p.Exited() {
+		return err
+	}
+	if err := p.Signal(syscall.SIGKILL); err != nil {
+		return err
+	}
+	if err := p.Wait(5 * time.Second); err != nil && p.Exited() {
+		return fmt.Errorf("%s: killed after %v: %w", p.Name, grace, errSignaled)
+	} else if err != nil {
+		return err
+	}
+	return nil
+}
+
+// Log returns the whole log so far.
+func (p *Proc) Log() string {
+	b, err := os.ReadFile(p.LogPath)
+	if err != nil {
+		return fmt.Sprintf("(reading %s: %v)", p.LogPath, err)
+	}
+	return string(b)
+}
+
+// Tail returns the last n lines of the log.
+func (p *Proc) Tail(n int) string {
+	lines := strings.Split(strings.TrimRight(p.Log(), "\n"), "\n")
+	if len(lines) > n {
+		lines = lines[len(lines)-n:]
+	}
+	return strings.Join(lines, "\n")
+}
+
+// WaitLog waits up to timeout for the log to contain substr; it fails t, showing the log's tail,
+// if it does not or if the process exits first.
+func (p *Proc) WaitLog(t testing.TB, substr string, timeout time.Duration) {
+	t.Helper()
+	deadline := time.Now().Add(timeout)
+	for {
+		b, _ := os.ReadFile(p.LogPath)
+		if bytes.Contains(b, []byte(substr)) {
+			return
+		}
+		if p.Exited() {
+			t.Fatalf("%s exited (%v) before logging %q; log tail:\n%s", p.Name, p.Wait(0), substr, p.Tail(30))
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("%s did not log %q within %v; log tail:\n%s", p.Name, substr, timeout, p.Tail(30))
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+}

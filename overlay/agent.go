@@ -1,0 +1,296 @@
+// Package overlay owns the node agent engine: its lifecycle, and the application of discovery
+// snapshots to the service proxy and the DNS server. It wires the kernel TUN (overlay/tun), the
+// service netstack (overlay/netstack), the load-balancing proxy (overlay/proxy), the DNS server (dns)
+// and the control socket (overlay/control) together, and removes everything it added to the host when
+// it stops.
+//
+// Lifecycle: New validates the Config and starts nothing; Run brings the agent up, serves until its
+// context is done or `meshctl down` is asked, then tears everything down in reverse order and returns.
+package overlay
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net/netip"
+	"os"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/edgewire/edgewire/discovery"
+	"github.com/edgewire/edgewire/dns"
+	"github.com/edgewire/edgewire/overlay/control"
+	"github.com/edgewire/edgewire/overlay/netstack"
+	"github.com/edgewire/edgewire/overlay/proxy"
+	"github.com/edgewire/edgewire/overlay/tun"
+)
+
+// Version is the agent's version, set by the build.
+var Version = "dev"
+
+// Config is the agent's configuration, parsed once by cmd/meshctl. Zero values mean the defaults
+// written beside each field.
+type Config struct {
+	Logger *slog.Logger // nil: discard
+
+	NodeName string // required
+	// StateDir holds the node's keys and cached catalog; created 0700 if missing.
+	StateDir string
+	// ServiceCIDR is the range of service IPs routed to the TUN (default 9.251.0.0/16).
+	ServiceCIDR netip.Prefix
+	// DNSIP is the address the DNS server answers on, port 53 (default 169.254.96.16).
+	DNSIP netip.Addr
+	// ClusterDomain is the DNS zone of services (default cluster.local).
+	ClusterDomain string
+	// ControlSocket is the Unix socket `meshctl` verbs talk to (default /run/edgewire/meshctl.sock).
+	ControlSocket string
+	// TUNName is the name of the TUN device (default mesh0).
+	TUNName string
+	// MTU of the TUN device (default 1420).
+	MTU int
+	// UDPIdleTimeout closes a UDP flow idle this long in both directions (default 60s).
+	UDPIdleTimeout time.Duration
+	// ConnectTimeout bounds the connection to an endpoint, retries included (default 5s).
+	ConnectTimeout time.Duration
+	// Upstreams are the resolvers ("ip:port") for names outside the cluster domain; none: SERVFAIL.
+	Upstreams []string
+
+	// Source supplies the catalog (required). SourceName describes it for `meshctl status`.
+	Source     discovery.Source
+	SourceName string
+}
+
+func (c *Config) setDefaults() error {
+	if c.Logger == nil {
+		c.Logger = slog.New(slog.DiscardHandler)
+	}
+	if c.NodeName == "" {
+		return errors.New("node name is empty (set --node-name)")
+	}
+	if c.Source == nil {
+		return errors.New("no catalog source (set --services-file)")
+	}
+	if c.StateDir == "" {
+		c.StateDir = "/var/lib/edgewire"
+	}
+	if !c.ServiceCIDR.IsValid() {
+		c.ServiceCIDR = netip.MustParsePrefix("9.251.0.0/16")
+	}
+	c.ServiceCIDR = c.ServiceCIDR.Masked()
+	if !c.DNSIP.IsValid() {
+		c.DNSIP = netip.MustParseAddr("169.254.96.16")
+	}
+	if c.ClusterDomain == "" {
+		c.ClusterDomain = "cluster.local"
+	}
+	if c.ControlSocket == "" {
+		c.ControlSocket = "/run/edgewire/meshctl.sock"
+	}
+	if c.TUNName == "" {
+		c.TUNName = "mesh0"
+	}
+	if c.MTU == 0 {
+		c.MTU = 1420
+	}
+	if c.MTU < 1280 || c.MTU > 65535 {
+		return fmt.Errorf("mtu %d: must be 1280-65535", c.MTU)
+	}
+	if c.UDPIdleTimeout == 0 {
+		c.UDPIdleTimeout = 60 * time.Second
+	}
+	if c.ConnectTimeout == 0 {
+		c.ConnectTimeout = 5 * time.Second
+	}
+	return nil
+}
+
+// Agent is one node's agent.
+type Agent struct {
+	cfg    Config
+	logger *slog.Logger
+
+	proxy *proxy.Proxy
+	dns   *dns.Server
+
+	started  time.Time
+	snap     atomic.Pointer[discovery.Snapshot]
+	snapTime atomic.Pointer[time.Time]
+	stack    atomic.Pointer[netstack.Stack]
+
+	downOnce sync.Once
+	down     chan struct{}
+}
+
+// New validates cfg and builds the agent. It starts nothing and touches nothing on the host.
+func New(cfg Config) (*Agent, error) {
+	if err := cfg.setDefaults(); err != nil {
+		return nil, fmt.Errorf("agent config: %w", err)
+	}
+	logger := cfg.Logger
+	d, err := dns.New(dns.Config{
+		Logger:    logger,
+		Domain:    cfg.ClusterDomain,
+		Upstreams: cfg.Upstreams,
+	})
+	if err != nil {
+		return nil, fmt.Errorf("agent config: dns: %w", err)
+	}
+	a := &Agent{
+		cfg:    cfg,
+		logger: logger.With("component", "agent"),
+		proxy:  proxy.New(proxy.Config{Logger: logger}),
+		dns:    d,
+		down:   make(chan struct{}),
+	}
+	a.snap.Store(&discovery.Snapshot{})
+	return a, nil
+}
+
+// Run brings the agent up and serves until ctx is done or Down is called; then it removes the TUN
+// and its routes, stops every goroutine it started and returns. An error from bringing up any part
+// is returned after undoing what was already done.
+func (a *Agent) Run(ctx context.Context) (err error) {
+	a.started = time.Now()
+	cfg := a.cfg
+	if err := os.MkdirAll(cfg.StateDir, 0o700); err != nil {
+		return fmt.Errorf("state dir: %w", err)
+	}
+
+	var cleanups []func() error
+	defer func() {
+		for i := len(cleanups) - 1; i >= 0; i-- {
+			if cerr := cleanups[i](); cerr != nil {
+				a.logger.Warn("shutdown", "err", cerr)
+				err = errors.Join(err, cerr)
+			}
+		}
+	}()
+
+	// The catalog first: an agent with a broken catalog file should fail before touching the host.
+	ctx, cancel := context.WithCancel(ctx)
+	defer cancel()
+	first := make(chan struct{})
+	var firstOnce sync.Once
+	srcErr := make(chan error, 1)
+	go func() {
+		srcErr <- cfg.Source.Run(ctx, func(s *discovery.Snapshot) {
+			a.apply(s)
+			firstOnce.Do(func() { close(first) })
+		})
+	}()
+	cleanups = append(cleanups, func() error {
+		cancel()
+		return <-srcErr
+	})
+	select {
+	case <-first:
+	case err := <-srcErr:
+		srcErr <- nil // the cleanup above reads it again
+		if err == nil {
+			return errors.New("catalog source stopped before its first snapshot")
+		}
+		return fmt.Errorf("catalog: %w", err)
+	case <-ctx.Done():
+		return nil
+	}
+
+	stack, err := netstack.New(netstack.Config{
+		Logger:         cfg.Logger,
+		Dialer:         a.proxy,
+		MTU:            cfg.MTU,
+		Prefixes:       []netip.Prefix{cfg.ServiceCIDR},
+		LocalAddrs:     []netip.Addr{cfg.DNSIP},
+		UDPIdleTimeout: cfg.UDPIdleTimeout,
+		ConnectTimeout: cfg.ConnectTimeout,
+	})
+	if err != nil {
+		return fmt.Errorf("service netstack: %w", err)
+	}
+	cleanups = append(cleanups, stack.Close)
+	if err := stack.Start(); err != nil {
+		return fmt.Errorf("service netstack: %w", err)
+	}
+	a.stack.Store(stack)
+
+	dnsAP := netip.AddrPortFrom(cfg.DNSIP, 53)
+	pc, err := stack.ListenUDP(dnsAP)
+	if err != nil {
+		return fmt.Errorf("dns: listen udp %s: %w", dnsAP, err)
+	}
+	ln, err := stack.ListenTCP(dnsAP)
+	if err != nil {
+		pc.Close()
+		return fmt.Errorf("dns: listen tcp %s: %w", dnsAP, err)
+	}
+	if err := a.dns.Start(pc, ln); err != nil {
+		pc.Close()
+		ln.Close()
+		return fmt.Errorf("dns: %w", err)
+	}
+	cleanups = append(cleanups, a.dns.Close)
+
+	dev, err := tun.Open(tun.Config{
+		Logger: cfg.Logger,
+		Name:   cfg.TUNName,
+		MTU:    cfg.MTU,
+		Routes: []netip.Prefix{cfg.ServiceCIDR, netip.PrefixFrom(cfg.DNSIP, cfg.DNSIP.BitLen())},
+	})
+	if err != nil {
+		return err
+	}
+	splitter := tun.NewSplitter(cfg.Logger, dev.TUN())
+	splitter.Route(cfg.ServiceCIDR, stack)
+	splitter.Route(netip.PrefixFrom(cfg.DNSIP, cfg.DNSIP.BitLen()), stack)
+	// Closing the device unblocks the splitter's reads; only then can the splitter be waited for.
+	cleanups = append(cleanups, func() error {
+		return errors.Join(dev.Close(), splitter.Close())
+	})
+	if err := splitter.Start(); err != nil {
+		return fmt.Errorf("tun %s: %w", dev.Name(), err)
+	}
+
+	ctl := control.NewServer(cfg.ControlSocket, (*backend)(a), cfg.Logger)
+	if err := ctl.Start(); err != nil {
+		return err
+	}
+	cleanups = append(cleanups, ctl.Close)
+
+	a.logger.Info("agent up",
+		"node", cfg.NodeName, "tun", dev.Name(), "service_cidr", cfg.ServiceCIDR,
+		"dns", dnsAP, "control_socket", cfg.ControlSocket, "upstreams", cfg.Upstreams)
+
+	select {
+	case <-ctx.Done():
+		a.logger.Info("shutting down", "reason", context.Cause(ctx))
+	case <-a.down:
+		a.logger.Info("shutting down", "reason", "meshctl down")
+	}
+	return nil
+}
+
+// Down asks Run to return. It is safe to call more than once and from any goroutine.
+func (a *Agent) Down() {
+	a.downOnce.Do(func() { close(a.down) })
+}
+
+// apply makes snapshot s the agent's catalog. It is called by the source, one call at a time.
+func (a *Agent) apply(s *discovery.Snapshot) {
+	start := time.Now()
+	if err := discovery.AssignIPs(s, a.cfg.ServiceCIDR, a.cfg.DNSIP); err != nil {
+		a.logger.Error("catalog rejected: service IPs", "err", err)
+		return
+	}
+	a.proxy.Update(s)
+	a.dns.Update(s)
+	a.snap.Store(s)
+	now := time.Now()
+	a.snapTime.Store(&now)
+	var eps int
+	for _, svc := range s.Services {
+		eps += len(svc.Endpoints)
+	}
+	a.logger.Info("catalog applied", "services", len(s.Services), "endpoints", eps,
+		"nodes", len(s.Nodes), "took", time.Since(start))
+}

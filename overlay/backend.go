@@ -1,0 +1,182 @@
+package overlay
+
+import (
+	"context"
+	"fmt"
+	"net/netip"
+	"strconv"
+	"strings"
+	"time"
+
+	mdns "github.com/miekg/dns"
+
+	"github.com/edgewire/edgewire/discovery"
+	"github.com/edgewire/edgewire/overlay/control"
+	"github.com/edgewire/edgewire/overlay/proxy"
+)
+
+// backend is the Agent seen by the control socket.
+type backend Agent
+
+var _ control.Backend = (*backend)(nil)
+
+func (b *backend) Status() control.Status {
+	a := (*Agent)(b)
+	s := a.snap.Load()
+	st := control.Status{
+		Node:          a.cfg.NodeName,
+		Version:       Version,
+		ServiceCIDR:   a.cfg.ServiceCIDR.String(),
+		DNSIP:         a.cfg.DNSIP.String(),
+		ClusterDomain: a.cfg.ClusterDomain,
+		TUN:           a.cfg.TUNName,
+		Services:      len(s.Services),
+		StartedAt:     a.started,
+		UptimeSeconds: time.Since(a.started).Seconds(),
+		CatalogSource: a.cfg.SourceName,
+		Upstreams:     a.cfg.Upstreams,
+	}
+	if t := a.snapTime.Load(); t != nil {
+		st.CatalogUpdatedAt = *t
+	}
+	for _, svc := range s.Services {
+		st.Endpoints += len(svc.Endpoints)
+		for _, ep := range svc.Endpoints {
+			if ep.Ready && !ep.Terminating {
+				st.ReadyEndpoints++
+			}
+		}
+	}
+	ps := a.proxy.Stats()
+	st.Flows = control.FlowStats{
+		OK:           ps.OK,
+		NoService:    ps.NoService,
+		NoEndpoints:  ps.NoEndpoints,
+		DialFailures: ps.DialFailures,
+		Retries:      ps.Retries,
+	}
+	if stack := a.stack.Load(); stack != nil {
+		ns := stack.Stats()
+		st.Flows.ActiveTCP = int64(ns.TCP.Active)
+		st.Flows.ActiveUDP = int64(ns.UDP.Active)
+	}
+	ds := a.dns.Stats()
+	st.DNS = control.DNSStats{
+		Queries:   ds.Queries,
+		Cluster:   ds.Cluster,
+		NXDomain:  ds.NXDomain,
+		Forwarded: ds.Forwarded,
+		CacheHits: ds.CacheHits,
+		FormErr:   ds.FormErr,
+		ServFail:  ds.ServFail,
+	}
+	return st
+}
+
+func (b *backend) Services() []control.Service {
+	a := (*Agent)(b)
+	s := a.snap.Load()
+	type epKey struct {
+		svc  string
+		addr netip.Addr
+	}
+	live := make(map[epKey]proxy.EndpointStatus)
+	policies := make(map[string]string)
+	for _, ps := range a.proxy.Services() {
+		key := ps.Namespace + "/" + ps.Name
+		policies[key] = string(ps.Policy)
+		for _, ep := range ps.Endpoints {
+			live[epKey{key, ep.Address}] = ep
+		}
+	}
+	out := make([]control.Service, 0, len(s.Services))
+	for _, svc := range s.Services {
+		cs := control.Service{
+			Namespace: svc.Namespace,
+			Name:      svc.Name,
+			Headless:  svc.Headless,
+			Policy:    policies[svc.Key()],
+			Endpoints: []control.EndpointInfo{},
+		}
+		if svc.IP.IsValid() {
+			cs.IP = svc.IP.String()
+		}
+		if svc.ExternalName != "" {
+			cs.Policy = "external-name:" + svc.ExternalName
+		}
+		for _, p := range svc.Ports {
+			cs.Ports = append(cs.Ports, control.Port{
+				Name: p.Name, Protocol: string(p.Protocol), Port: p.Port, TargetPort: targetPortString(p),
+			})
+		}
+		for _, ep := range svc.Endpoints {
+			cs.Total++
+			if ep.Ready && !ep.Terminating {
+				cs.Ready++
+			}
+			for _, addr := range ep.Addresses {
+				info := control.EndpointInfo{
+					Address: addr.String(), Node: ep.NodeName, Ready: ep.Ready, Terminating: ep.Terminating,
+				}
+				if pe, ok := live[epKey{svc.Key(), addr}]; ok {
+					info.Flows = pe.Flows
+					for _, tg := range pe.Targets {
+						if tg.EjectedUntil.After(info.EjectedUntil) {
+							info.EjectedUntil = tg.EjectedUntil
+						}
+					}
+				}
+				cs.Endpoints = append(cs.Endpoints, info)
+			}
+		}
+		out = append(out, cs)
+	}
+	return out
+}
+
+func targetPortString(p discovery.ServicePort) string {
+	switch {
+	case p.TargetPortName != "":
+		return p.TargetPortName
+	case p.TargetPort != 0:
+		return strconv.Itoa(int(p.TargetPort))
+	default:
+		return ""
+	}
+}
+
+func (b *backend) Resolve(ctx context.Context, name, qtype string) (control.Resolution, error) {
+	a := (*Agent)(b)
+	t, ok := mdns.StringToType[strings.ToUpper(qtype)]
+	if !ok {
+		return control.Resolution{}, fmt.Errorf("unknown query type %q (try A, AAAA, SRV, PTR, CNAME, TXT)", qtype)
+	}
+	if strings.ToUpper(qtype) == "PTR" {
+		if rev, err := mdns.ReverseAddr(name); err == nil {
+			name = rev
+		}
+	}
+	m, err := a.dns.Lookup(ctx, mdns.Fqdn(name), t)
+	if err != nil {
+		return control.Resolution{}, fmt.Errorf("resolve %s %s: %w", name, qtype, err)
+	}
+	res := control.Resolution{Name: mdns.Fqdn(name), Type: strings.ToUpper(qtype), Rcode: mdns.RcodeToString[m.Rcode]}
+	res.Answer = rrStrings(m.Answer)
+	res.Authority = rrStrings(m.Ns)
+	for _, rr := range m.Extra {
+		if rr.Header().Rrtype != mdns.TypeOPT {
+			res.Additional = append(res.Additional, rr.String())
+		}
+	}
+	return res, nil
+}
+
+func rrStrings(rrs []mdns.RR) []string {
+	out := make([]string, 0, len(rrs))
+	for _, rr := range rrs {
+		out = append(out, rr.String())
+	}
+	return out
+}
+
+func (b *backend) Down() { (*Agent)(b).Down() }

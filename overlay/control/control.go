@@ -1,0 +1,112 @@
+// Package control owns the agent's local control socket: the JSON-over-HTTP protocol that `meshctl`
+// verbs speak to a running `meshctl up`, its server side (Serve, over a Backend the agent implements)
+// and its client side (Client).
+//
+// The socket is a Unix stream socket (default /run/edgewire/meshctl.sock, mode 0600: only root talks
+// to the agent). Requests are plain HTTP/1.1; every response body is JSON. Endpoints:
+//
+//	GET  /v1/status                     → Status
+//	GET  /v1/services                   → []Service
+//	GET  /v1/resolve?name=N&type=T      → Resolution
+//	POST /v1/down                       → {} and the agent shuts down
+//
+// Errors are answered with a non-2xx status and {"error": "..."}.
+package control
+
+import (
+	"context"
+	"time"
+)
+
+// Status is what `meshctl status` shows.
+type Status struct {
+	Node           string    `json:"node"`
+	Version        string    `json:"version"`
+	ServiceCIDR    string    `json:"serviceCIDR"`
+	DNSIP          string    `json:"dnsIP"`
+	ClusterDomain  string    `json:"clusterDomain"`
+	TUN            string    `json:"tun"`
+	Services       int       `json:"services"`
+	Endpoints      int       `json:"endpoints"`
+	ReadyEndpoints int       `json:"readyEndpoints"`
+	StartedAt      time.Time `json:"startedAt"`
+	UptimeSeconds  float64   `json:"uptimeSeconds"`
+	// CatalogUpdatedAt is when the last snapshot was applied; CatalogSource names where it came from.
+	CatalogUpdatedAt time.Time `json:"catalogUpdatedAt"`
+	CatalogSource    string    `json:"catalogSource"`
+	Upstreams        []string  `json:"upstreams"`
+	Flows            FlowStats `json:"flows"`
+	DNS              DNSStats  `json:"dns"`
+}
+
+// FlowStats counts flows through the service proxy.
+type FlowStats struct {
+	OK           uint64 `json:"ok"`
+	NoService    uint64 `json:"noService"`
+	NoEndpoints  uint64 `json:"noEndpoints"`
+	DialFailures uint64 `json:"dialFailures"`
+	Retries      uint64 `json:"retries"`
+	ActiveTCP    int64  `json:"activeTCP"`
+	ActiveUDP    int64  `json:"activeUDP"`
+}
+
+// DNSStats counts DNS queries.
+type DNSStats struct {
+	Queries   uint64 `json:"queries"`
+	Cluster   uint64 `json:"cluster"`
+	NXDomain  uint64 `json:"nxdomain"`
+	Forwarded uint64 `json:"forwarded"`
+	CacheHits uint64 `json:"cacheHits"`
+	FormErr   uint64 `json:"formerr"`
+	ServFail  uint64 `json:"servfail"`
+}
+
+// Service is one row of `meshctl services`.
+type Service struct {
+	Namespace string         `json:"namespace"`
+	Name      string         `json:"name"`
+	IP        string         `json:"ip,omitempty"`
+	Headless  bool           `json:"headless,omitempty"`
+	Policy    string         `json:"policy"`
+	Ports     []Port         `json:"ports"`
+	Ready     int            `json:"ready"`
+	Total     int            `json:"total"`
+	Endpoints []EndpointInfo `json:"endpoints"`
+}
+
+// Port is a service port.
+type Port struct {
+	Name       string `json:"name,omitempty"`
+	Protocol   string `json:"protocol"`
+	Port       uint16 `json:"port"`
+	TargetPort string `json:"targetPort,omitempty"`
+}
+
+// EndpointInfo is one endpoint of a service.
+type EndpointInfo struct {
+	Address      string    `json:"address"`
+	Node         string    `json:"node,omitempty"`
+	Ready        bool      `json:"ready"`
+	Terminating  bool      `json:"terminating,omitempty"`
+	Flows        uint64    `json:"flows"`
+	EjectedUntil time.Time `json:"ejectedUntil,omitzero"`
+}
+
+// Resolution is the answer to `meshctl resolve`.
+type Resolution struct {
+	Name       string   `json:"name"`
+	Type       string   `json:"type"`
+	Rcode      string   `json:"rcode"`
+	Answer     []string `json:"answer"`
+	Authority  []string `json:"authority,omitempty"`
+	Additional []string `json:"additional,omitempty"`
+}
+
+// Backend is what the agent gives Serve. Its methods are called concurrently.
+type Backend interface {
+	Status() Status
+	Services() []Service
+	Resolve(ctx context.Context, name, qtype string) (Resolution, error)
+	// Down asks the agent to shut down; it returns at once.
+	Down()
+}

@@ -1,0 +1,176 @@
+package netstack
+
+import (
+	"encoding/binary"
+	"log/slog"
+	"net/netip"
+	"os"
+
+	"golang.zx2c4.com/wireguard/tun"
+	"gvisor.dev/gvisor/pkg/buffer"
+	"gvisor.dev/gvisor/pkg/tcpip"
+	"gvisor.dev/gvisor/pkg/tcpip/header"
+	"gvisor.dev/gvisor/pkg/tcpip/link/channel"
+	"gvisor.dev/gvisor/pkg/tcpip/stack"
+)
+
+// This file is the Stack's tun.Device side: packets in (Write) and out (Read), and the gVisor link
+// endpoint between them. The link endpoint is gVisor's channel endpoint for now; a batching/GSO endpoint
+// replaces it by changing only linkEndpoint.
+
+const (
+	// outQueueLen is how many emitted packets the link endpoint queues before the stack sees
+	// ErrNoBufferSpace (TCP then retransmits).
+	outQueueLen = 4096
+	// batchSize is the device's preferred batch, as wireguard-go's Linux TUN (conn.IdealBatchSize).
+	batchSize = 128
+)
+
+// linkEndpoint is the gVisor link endpoint of the Stack's only NIC.
+type linkEndpoint struct {
+	*channel.Endpoint
+}
+
+func newLinkEndpoint(mtu int) *linkEndpoint {
+	return &linkEndpoint{Endpoint: channel.New(outQueueLen, uint32(mtu), "")}
+}
+
+// Write delivers IP packets (bufs[i][offset:]) into the stack. Packets that are not well-formed IPv4 or
+// IPv6 are dropped and counted (Stats.DroppedMalformed), and so are packets to addresses the stack does not
+// serve (Stats.DroppedNotServed); a drop is not an error. Write returns len(bufs) and nil, or os.ErrClosed
+// after Close.
+func (s *Stack) Write(bufs [][]byte, offset int) (int, error) {
+	if s.down.Load() {
+		return 0, os.ErrClosed
+	}
+	for _, b := range bufs {
+		if offset < 0 || len(b) <= offset {
+			s.droppedMalformed.Add(1)
+			continue
+		}
+		pkt := b[offset:]
+		proto, dst, ok := parseDst(pkt)
+		if !ok {
+			s.droppedMalformed.Add(1)
+			s.logf(slog.LevelDebug, "dropped malformed packet", "len", len(pkt))
+			continue
+		}
+		if !s.serves(dst) {
+			s.droppedNotServed.Add(1)
+			s.logf(slog.LevelDebug, "dropped packet to an address not served", "dst", dst)
+			continue
+		}
+		pb := stack.NewPacketBuffer(stack.PacketBufferOptions{Payload: buffer.MakeWithData(pkt)})
+		s.link.InjectInbound(proto, pb)
+		pb.DecRef()
+		s.packetsIn.Add(1)
+	}
+	return len(bufs), nil
+}
+
+// Read blocks until the stack emits a packet, then returns it and whatever else is queued, up to len(bufs),
+// each written at bufs[i][offset:] with its length in sizes[i]. It returns os.ErrClosed after Close.
+// A packet larger than its buffer is dropped and counted (Stats.DroppedOutbound).
+func (s *Stack) Read(bufs [][]byte, sizes []int, offset int) (int, error) {
+	if len(bufs) == 0 {
+		return 0, nil
+	}
+	for {
+		if s.down.Load() {
+			return 0, os.ErrClosed
+		}
+		pb := s.link.ReadContext(s.ctx)
+		if pb == nil {
+			return 0, os.ErrClosed
+		}
+		n := 0
+		for pb != nil {
+			if size, ok := copyPacket(bufs[n][offset:], pb); ok {
+				sizes[n] = size
+				n++
+			} else {
+				s.droppedOutbound.Add(1)
+				s.logf(slog.LevelDebug, "dropped outbound packet larger than the read buffer", "len", pb.Size(), "buffer", len(bufs[n])-offset)
+			}
+			pb.DecRef()
+			if n == len(bufs) {
+				break
+			}
+			pb = s.link.Read()
+		}
+		if n > 0 {
+			s.packetsOut.Add(uint64(n))
+			return n, nil
+		}
+	}
+}
+
+func copyPacket(dst []byte, pb *stack.PacketBuffer) (int, bool) {
+	size := pb.Size()
+	if size > len(dst) {
+		return 0, false
+	}
+	n := 0
+	for _, sl := range pb.AsSlices() {
+		n += copy(dst[n:], sl)
+	}
+	return n, true
+}
+
+// parseDst checks the IP header of pkt and returns its network protocol and destination.
+func parseDst(pkt []byte) (tcpip.NetworkProtocolNumber, netip.Addr, bool) {
+	if len(pkt) == 0 {
+		return 0, netip.Addr{}, false
+	}
+	switch pkt[0] >> 4 {
+	case 4:
+		if len(pkt) < header.IPv4MinimumSize {
+			return 0, netip.Addr{}, false
+		}
+		ihl := int(pkt[0]&0x0f) * 4
+		total := int(binary.BigEndian.Uint16(pkt[2:4]))
+		if ihl < header.IPv4MinimumSize || total < ihl || total > len(pkt) {
+			return 0, netip.Addr{}, false
+		}
+		return header.IPv4ProtocolNumber, netip.AddrFrom4([4]byte(pkt[16:20])), true
+	case 6:
+		if len(pkt) < header.IPv6MinimumSize {
+			return 0, netip.Addr{}, false
+		}
+		if header.IPv6MinimumSize+int(binary.BigEndian.Uint16(pkt[4:6])) > len(pkt) {
+			return 0, netip.Addr{}, false
+		}
+		return header.IPv6ProtocolNumber, netip.AddrFrom16([16]byte(pkt[24:40])), true
+	}
+	return 0, netip.Addr{}, false
+}
+
+// serves reports whether dst is in a service prefix or is a local address.
+func (s *Stack) serves(dst netip.Addr) bool {
+	for _, p := range s.cfg.Prefixes {
+		if p.Contains(dst) {
+			return true
+		}
+	}
+	for _, a := range s.cfg.LocalAddrs {
+		if a == dst {
+			return true
+		}
+	}
+	return false
+}
+
+// MTU returns the MTU of the device.
+func (s *Stack) MTU() (int, error) { return s.cfg.MTU, nil }
+
+// Name returns "netstack": the device has no kernel name.
+func (s *Stack) Name() (string, error) { return "netstack", nil }
+
+// File returns nil: the device has no file descriptor.
+func (s *Stack) File() *os.File { return nil }
+
+// Events returns the device's event channel: EventUp once, closed by Close.
+func (s *Stack) Events() <-chan tun.Event { return s.events }
+
+// BatchSize returns the largest batch Read fills.
+func (s *Stack) BatchSize() int { return batchSize }

@@ -1,0 +1,120 @@
+package netstack
+
+import (
+	"context"
+	"errors"
+	"io"
+	"log/slog"
+	"net"
+	"sync"
+	"sync/atomic"
+
+	"gvisor.dev/gvisor/pkg/tcpip/adapters/gonet"
+	"gvisor.dev/gvisor/pkg/tcpip/transport/tcp"
+	"gvisor.dev/gvisor/pkg/waiter"
+
+	"github.com/edgewire/edgewire/discovery"
+)
+
+// handleTCP is the TCP forwarder's handler. gVisor's forwarder already runs it in a goroutine of its own
+// per SYN (so a slow DialFlow stalls no other packet); the Stack adopts that goroutine into s.wg. It
+// dials upstream first and only then completes the client's handshake, so a refused flow is refused
+// with a RST before the client ever sees it established.
+func (s *Stack) handleTCP(r *tcp.ForwarderRequest) {
+	if !s.enter() {
+		r.Complete(true)
+		return
+	}
+	defer s.wg.Done()
+
+	id := r.ID()
+	src := addrPort(id.RemoteAddress, id.RemotePort)
+	dst := addrPort(id.LocalAddress, id.LocalPort)
+
+	ctx, cancel := context.WithTimeout(s.ctx, s.cfg.ConnectTimeout)
+	up, err := s.cfg.Dialer.DialFlow(ctx, discovery.TCP, src, dst)
+	cancel()
+	if err != nil {
+		s.tcpStats.refused.Add(1)
+		s.logf(slog.LevelDebug, "tcp flow refused", "src", src, "dst", dst, "err", err)
+		r.Complete(true)
+		return
+	}
+
+	var wq waiter.Queue
+	ep, terr := r.CreateEndpoint(&wq)
+	if terr != nil {
+		s.tcpStats.refused.Add(1)
+		s.logf(slog.LevelDebug, "tcp flow: handshake with client failed", "src", src, "dst", dst, "err", terr.String())
+		r.Complete(true)
+		up.Close()
+		return
+	}
+	r.Complete(false)
+	client := gonet.NewTCPConn(&wq, ep)
+
+	f := &flow{client: client, upstream: up}
+	if !s.addFlow(f) {
+		f.close()
+		return
+	}
+	defer s.removeFlow(f)
+	s.tcpStats.opened.Add(1)
+	s.tcpStats.active.Add(1)
+	defer s.tcpStats.active.Add(^uint64(0))
+
+	s.splice(f, client, up)
+}
+
+// splice copies both ways between client and up until both directions end. On EOF from one side it
+// half-closes the other (CloseWrite), so a client that shuts down its sending side still receives the
+// rest of the response. An error either way closes both connections.
+func (s *Stack) splice(f *flow, client *gonet.TCPConn, up net.Conn) {
+	defer f.close()
+	var wg sync.WaitGroup
+	wg.Add(1)
+	s.wg.Add(1) // the caller holds a reference on s.wg, so Close has not begun waiting
+	go func() {
+		defer s.wg.Done()
+		defer wg.Done()
+		s.copyHalf(f, up, client, &s.tcpStats.bytesUp)
+	}()
+	s.copyHalf(f, client, up, &s.tcpStats.bytesDown)
+	wg.Wait()
+}
+
+// copyHalf copies src to dst, counting bytes; EOF half-closes dst, an error closes the whole flow.
+func (s *Stack) copyHalf(f *flow, dst, src net.Conn, n *atomic.Uint64) {
+	buf := s.copyBufs.Get().(*[]byte)
+	_, err := io.CopyBuffer(countingWriter{dst, n}, onlyReader{src}, *buf)
+	s.copyBufs.Put(buf)
+	if err != nil && !errors.Is(err, net.ErrClosed) {
+		f.close()
+		return
+	}
+	if err != nil {
+		return
+	}
+	if cw, ok := dst.(interface{ CloseWrite() error }); ok {
+		if cw.CloseWrite() == nil {
+			return
+		}
+	}
+	f.close()
+}
+
+type countingWriter struct {
+	w io.Writer
+	n *atomic.Uint64
+}
+
+func (c countingWriter) Write(p []byte) (int, error) {
+	n, err := c.w.Write(p)
+	c.n.Add(uint64(n))
+	return n, err
+}
+
+// onlyReader hides src's WriterTo so io.CopyBuffer uses our buffer and counting writer.
+type onlyReader struct{ r io.Reader }
+
+func (o onlyReader) Read(p []byte) (int, error) { return o.r.Read(p) }
