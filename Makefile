@@ -44,14 +44,21 @@ unit:
 e2e:
 	$(GO) test -count=1 -v -timeout 20m $(E2E_PKGS)
 
+# test runs the e2e suite even when unit tests fail, so that one CI run shows every failure.
 test: deps build vet
-	$(MAKE) unit
-	$(MAKE) e2e
+	@status=0; \
+	$(MAKE) unit || status=1; \
+	$(MAKE) e2e || status=1; \
+	if ((status)); then echo "make test: FAILED (see unit and e2e output above)"; fi; \
+	exit $$status
 
 demo: deps build
 	scripts/demo.sh
 
-bench: deps build
+# bench: the benchmarks (scripts/bench.sh); also installs the benchmark tools (dnsperf).
+bench:
+	scripts/install-deps.sh --bench
+	$(MAKE) build
 	scripts/bench.sh
 
 clean:

@@ -30,6 +30,16 @@ const (
 	AnnotationLBPolicy = "edgewire.io/lb-policy"
 )
 
+// Annotations an agent publishes on its Node: how other nodes reach it over WireGuard.
+const (
+	// AnnotationWireGuardKey is the node's WireGuard public key, in base64 as `wg pubkey` prints
+	// it. A Node without it is not a mesh peer.
+	AnnotationWireGuardKey = "edgewire.io/wireguard-public-key"
+	// AnnotationEndpoints lists the node's WireGuard socket addresses, LAN addresses first,
+	// comma-separated ip:port, IPv6 as [addr]:port, for example "10.0.0.5:51820,[fd00::5]:51820".
+	AnnotationEndpoints = "edgewire.io/endpoints"
+)
+
 // Snapshot is the whole catalog at one moment. Services are sorted by namespace, then name; nodes by
 // name. The zero Snapshot is an empty catalog.
 type Snapshot struct {
@@ -100,9 +110,16 @@ type EndpointPort struct {
 	Port     uint16
 }
 
-// Node is a node of the mesh. Later sources fill in its WireGuard key and addresses.
+// Node is a node of the mesh: an entry of the node directory.
 type Node struct {
-	Name        string
+	Name string
+	// WireGuardKey is the node's WireGuard public key in base64 (AnnotationWireGuardKey), checked
+	// by the source to decode to 32 bytes; "" when the node is not a mesh peer. No two nodes of a
+	// snapshot share a key.
+	WireGuardKey string
+	// Endpoints are the node's WireGuard socket addresses (AnnotationEndpoints), LAN first, in the
+	// order the node published them.
+	Endpoints   []netip.AddrPort
 	Annotations map[string]string
 }
 

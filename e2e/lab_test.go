@@ -63,6 +63,17 @@ func TestLab(t *testing.T) {
 				t.Errorf("root namespace interfaces changed:\nbefore:\n%s\nafter:\n%s", rootBefore, after)
 			}
 		})
+		t.Run("capture", func(t *testing.T) {
+			capture := a.Capture(t, "eth0", "tcp", "port", "8080")
+			b.MustExec(t, "curl", "-sS", "-m", "5", "http://10.77.1.1:8080/")
+			if err := capture.Stop(5 * time.Second); err != nil {
+				t.Fatalf("tcpdump: %v\n%s", err, capture.Tail(5))
+			}
+			// tcpdump reports on exit how many packets it captured.
+			if log := capture.Log(); !strings.Contains(log, "packets captured") || strings.Contains(log, " 0 packets captured") {
+				t.Errorf("tcpdump captured nothing:\n%s", log)
+			}
+		})
 		t.Run("sigterm stops testserver", func(t *testing.T) {
 			if err := srv.Stop(5 * time.Second); err != nil {
 				t.Fatalf("testserver did not exit cleanly on SIGTERM: %v\n%s", err, srv.Tail(10))

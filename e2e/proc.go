@@ -13,9 +13,6 @@ import (
 	"time"
 )
 
-// errSignaled marks the exit of a process that Stop ended with a signal.
-var errSignaled = errors.New("ended by signal")
-
 // Proc is a long-running process in a namespace, its stdout and stderr going to a log file in the
 // lab's directory. The lab stops it at teardown if the test did not.
 type Proc struct {
@@ -82,21 +79,23 @@ func (p *Proc) Signal(sig syscall.Signal) error {
 
 // Wait waits up to timeout for the process to exit and returns its exit error (nil for status 0).
 func (p *Proc) Wait(timeout time.Duration) error {
-	timer := time.NewTimer(timeout)
-	defer timer.Stop()
-	select {
-	case <-p.done:
-		if p.err != nil {
-			return fmt.Errorf("%s: %w", p.Name, p.err)
+	if !p.Exited() {
+		timer := time.NewTimer(timeout)
+		defer timer.Stop()
+		select {
+		case <-p.done:
+		case <-timer.C:
+			return fmt.Errorf("%s (pid %d) still running after %v", p.Name, p.PID(), timeout)
 		}
-		return nil
-	case <-timer.C:
-		return fmt.Errorf("%s (pid %d) still running after %v", p.Name, p.PID(), timeout)
 	}
+	if p.err != nil {
+		return fmt.Errorf("%s: %w", p.Name, p.err)
+	}
+	return nil
 }
 
-// Stop sends SIGTERM, waits up to grace, then SIGKILLs. It returns the exit error; a process that
-// was already gone or had to be killed returns an error wrapping errSignaled.
+// Stop sends SIGTERM and waits up to grace for the process to exit, then SIGKILLs it. It returns
+// the exit error, or an error saying it had to be killed.
 func (p *Proc) Stop(grace time.Duration) error {
 	if p.Exited() {
 		return p.Wait(0)
@@ -104,18 +103,17 @@ func (p *Proc) Stop(grace time.Duration) error {
 	if err := p.Signal(syscall.SIGTERM); err != nil {
 		return err
 	}
-	if err := p.Wait(grace); err == nil || p.Exited() {
+	err := p.Wait(grace)
+	if p.Exited() {
 		return err
 	}
 	if err := p.Signal(syscall.SIGKILL); err != nil {
 		return err
 	}
-	if err := p.Wait(5 * time.Second); err != nil && p.Exited() {
-		return fmt.Errorf("%s: killed after %v: %w", p.Name, grace, errSignaled)
-	} else if err != nil {
+	if err := p.Wait(5 * time.Second); !p.Exited() {
 		return err
 	}
-	return nil
+	return fmt.Errorf("%s (pid %d) did not exit within %v of SIGTERM: killed", p.Name, p.PID(), grace)
 }
 
 // Log returns the whole log so far.

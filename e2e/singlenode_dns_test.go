@@ -4,6 +4,7 @@ import (
 	"encoding/json"
 	"fmt"
 	"net/netip"
+	"regexp"
 	"slices"
 	"strings"
 	"testing"
@@ -83,6 +84,21 @@ func (s *singleNode) testDNS(t *testing.T) {
 				}
 			}
 			t.Logf("derived.default gets %s", got[0])
+		}},
+		{"AAAA of an IPv4 service: NODATA", dig("web.default.svc.cluster.local", "AAAA"), func(t *testing.T, out string) {
+			if !strings.Contains(out, "status: NOERROR") || !strings.Contains(out, "ANSWER: 0,") {
+				t.Errorf("want NOERROR with no answer:\n%s", out)
+			}
+		}},
+		{"large answer truncated over UDP", dig("+noedns", "+ignore", "bighead.default.svc.cluster.local", "A"), func(t *testing.T, out string) {
+			if !regexp.MustCompile(`flags:[a-z ]* tc[ ;]`).MatchString(out) {
+				t.Errorf("a %d-address answer over UDP without EDNS0 is not truncated (no tc flag):\n%s", bigHeadless, lastLines(out, 30))
+			}
+		}},
+		{"large answer complete after TCP fallback", short("bighead.default.svc.cluster.local", "A"), func(t *testing.T, out string) {
+			if got := answers(out); len(got) != bigHeadless {
+				t.Errorf("%d addresses, want %d", len(got), bigHeadless)
+			}
 		}},
 		{"upstream name forwarded", short(upstreamName, "A"), exactly(upstreamAddr)},
 		{"upstream name forwarded over TCP", short("+tcp", upstreamName, "A"), exactly(upstreamAddr)},

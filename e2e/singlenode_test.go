@@ -36,6 +36,17 @@ const (
 	shrinkIP  = "9.251.0.31"
 )
 
+// bigHeadless is the number of endpoints of the headless service "bighead" (10.77.2.1 on).
+const bigHeadless = 100
+
+func manyEndpoints(n int) []EndpointSpec {
+	eps := make([]EndpointSpec, n)
+	for i := range eps {
+		eps[i] = EndpointSpec{IP: fmt.Sprintf("10.77.2.%d", i+1), Ready: true, Node: "client"}
+	}
+	return eps
+}
+
 type backend struct {
 	name string
 	ip   string
@@ -85,6 +96,8 @@ func (s *singleNode) catalog() []ServiceSpec {
 		{Name: "shrink", ClusterIP: shrinkIP, Ports: httpPort(8082), Endpoints: s.endpoints(all...)},
 		{Name: "headless", ClusterIP: "None", Ports: httpPort(8080), Endpoints: headless},
 		{Name: "derived", Ports: httpPort(8080), Endpoints: s.endpoints("b1")},
+		// Too many addresses for one UDP answer: DNS must truncate and dig retry over TCP.
+		{Name: "bighead", ClusterIP: "None", Ports: httpPort(8080), Endpoints: manyEndpoints(bigHeadless)},
 	}
 }
 

@@ -150,6 +150,11 @@ ip netns exec "$ns_client" "$meshctl" up --node-name client \
 	--control-socket "$sock" --resolv-conf /etc/resolv.conf >"$work/agent.log" 2>&1 &
 pids=("$!" "${pids[@]}")
 in_client() { ip netns exec "$ns_client" "$@"; }
+# on_client shows a command, then runs it in the client namespace.
+on_client() {
+	printf '[%s]$ %s\n' "$ns_client" "$*"
+	in_client "$@"
+}
 
 ready=0
 for _ in $(seq 200); do
@@ -167,8 +172,8 @@ if ((!ready)); then
 	echo "demo.sh: the agent was not ready after 20 s" >&2
 	exit 1
 fi
-show in_client "$meshctl" status --control-socket "$sock"
-show in_client ip route show dev mesh0
+on_client "$meshctl" status --control-socket "$sock"
+on_client ip route show dev mesh0
 
 step "curling http://web.default.svc.cluster.local/ from $ns_client (round-robin over b1 and b2)"
 for i in 1 2 3 4 5 6; do
@@ -177,11 +182,11 @@ for i in 1 2 3 4 5 6; do
 done
 
 step "DNS from $ns_client"
-show in_client dig +short web.default.svc.cluster.local
-show in_client dig +short _http._tcp.web.default.svc.cluster.local SRV
-show in_client dig +short -x 9.251.0.10
+on_client dig +short web.default.svc.cluster.local
+on_client dig +short _http._tcp.web.default.svc.cluster.local SRV
+on_client dig +short -x 9.251.0.10
 
 step "meshctl services"
-show in_client "$meshctl" services --control-socket "$sock"
+on_client "$meshctl" services --control-socket "$sock"
 
 step "demo done"

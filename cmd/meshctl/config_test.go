@@ -6,6 +6,8 @@ import (
 	"strings"
 	"testing"
 	"time"
+
+	"github.com/spf13/pflag"
 )
 
 func TestConfigFileAndFlags(t *testing.T) {
@@ -54,13 +56,13 @@ func TestConfigFileAndFlags(t *testing.T) {
 			if err := os.WriteFile(path, []byte(tc.file), 0o600); err != nil {
 				t.Fatal(err)
 			}
-			cmd := newUpCmd()
+			fs := pflag.NewFlagSet("up", pflag.ContinueOnError)
 			var o upOptions
-			o.addFlags(cmd.Flags())
-			if err := cmd.Flags().Parse(tc.args); err != nil {
+			o.addFlags(fs)
+			if err := fs.Parse(tc.args); err != nil {
 				t.Fatal(err)
 			}
-			err := o.loadConfigFile(path, cmd.Flags())
+			err := o.loadConfigFile(path, fs)
 			if tc.wantErr != "" {
 				if err == nil || !strings.Contains(err.Error(), tc.wantErr) {
 					t.Fatalf("err = %v, want it to mention %q", err, tc.wantErr)

@@ -110,8 +110,13 @@ func (o *object) checkNamespace() error {
 	return nil
 }
 
-// path builds a field path of mapping keys (string) and sequence indices (int).
+// path builds a field path of mapping keys (string, or mapKey for a key written in brackets) and
+// sequence indices (int).
 func path(segs ...any) []any { return segs }
+
+// mapKey is a field path segment for a key of a free-form map, such as an annotation, which
+// fieldPath writes in brackets: metadata.annotations[edgewire.io/endpoints].
+type mapKey string
 
 // fieldPath formats p the Kubernetes way: spec.ports[0].port.
 func fieldPath(p []any) string {
@@ -120,6 +125,8 @@ func fieldPath(p []any) string {
 		switch s := seg.(type) {
 		case int:
 			b.WriteString("[" + strconv.Itoa(s) + "]")
+		case mapKey:
+			b.WriteString("[" + string(s) + "]")
 		default:
 			if b.Len() > 0 {
 				b.WriteByte('.')
@@ -137,8 +144,8 @@ func lineOf(n *yaml.Node, p []any) int {
 	line := n.Line
 	for _, seg := range p {
 		switch s := seg.(type) {
-		case string:
-			k, v := mapEntry(n, s)
+		case string, mapKey:
+			k, v := mapEntry(n, fmt.Sprint(s))
 			if k == nil {
 				return line
 			}

@@ -32,6 +32,11 @@ const serviceNameLabel = "kubernetes.io/service-name"
 // EndpointSlice and v1 Node objects are converted; objects of other kinds are ignored, as are
 // EndpointSlices of addressType FQDN and EndpointSlices whose Service is not in the file.
 //
+// A Node is a mesh peer when it has the discovery.AnnotationWireGuardKey annotation (the base64 of
+// a 32-byte key, as `wg pubkey` prints it; no two Nodes may share a key) and lists its WireGuard
+// addresses, LAN first, in discovery.AnnotationEndpoints ("10.0.0.5:51820,[fd00::5]:51820");
+// endpoints without a key are an error.
+//
 // filename is used only in error messages, which name the file, the document (1-based), the
 // object's kind and namespace/name when known, the line and the field path, for example
 //
@@ -65,6 +70,7 @@ type parser struct {
 	services map[string]*parsedService // by namespace/name
 	slices   map[string]*parsedSlice   // by namespace/name
 	nodes    map[string]*parsedNode    // by name
+	wgKeys   map[string]*parsedNode    // by decoded WireGuard public key
 	order    []*parsedSlice            // slices in file order
 	ignored  map[string]int
 }
@@ -92,6 +98,7 @@ func parse(data []byte, filename string) (*result, error) {
 		services: make(map[string]*parsedService),
 		slices:   make(map[string]*parsedSlice),
 		nodes:    make(map[string]*parsedNode),
+		wgKeys:   make(map[string]*parsedNode),
 		ignored:  make(map[string]int),
 	}
 	dec := yaml.NewDecoder(bytes.NewReader(data))
@@ -437,21 +444,6 @@ func (p *parser) endpointSlice(o *object) error {
 	}
 	p.slices[key] = ps
 	p.order = append(p.order, ps)
-	return nil
-}
-
-func (p *parser) nodeObject(o *object) error {
-	var obj nodeObject
-	if err := o.decode(&obj); err != nil {
-		return err
-	}
-	if prev, dup := p.nodes[o.name]; dup {
-		return o.errf(path("metadata", "name"), "duplicate Node %s (first defined in %s)", o.name, prev.at)
-	}
-	p.nodes[o.name] = &parsedNode{
-		node: &discovery.Node{Name: o.name, Annotations: copyMap(obj.Metadata.Annotations)},
-		at:   o.shortWhere(),
-	}
 	return nil
 }
 

@@ -48,11 +48,10 @@ func TestKernelDialerTCP(t *testing.T) {
 	if err != nil {
 		t.Fatalf("listen: %v", err)
 	}
-	defer live.Close()
 	liveAddr := live.Addr().(*net.TCPAddr).AddrPort()
-
 	var wg sync.WaitGroup
-	defer wg.Wait()
+	defer wg.Wait() // after live.Close, deferred below, ends the accept loop
+	defer live.Close()
 	wg.Go(func() {
 		for {
 			c, err := live.Accept()
@@ -102,9 +101,9 @@ func TestKernelDialerUDP(t *testing.T) {
 	if err != nil {
 		t.Fatalf("listen: %v", err)
 	}
-	defer srv.Close()
 	var wg sync.WaitGroup
-	defer wg.Wait()
+	defer wg.Wait() // after srv.Close, deferred below, ends the echo loop
+	defer srv.Close()
 	wg.Go(func() {
 		buf := make([]byte, 1500)
 		for {

@@ -42,12 +42,16 @@
 //
 // DialFlow tries the candidates in order within the deadline of its context, bounding each attempt
 // by Config.AttemptTimeout (and the remaining deadline), so one black-holed endpoint cannot eat the
-// whole deadline. A failed dial ejects its endpoint address:port for a back-off of Config.EjectBase,
-// doubling with each consecutive failure up to Config.EjectMax; a successful dial ends the ejection
-// and resets the back-off. Ejected endpoints stay candidates, after all the others: a service whose
-// endpoints are all ejected is still tried rather than refused. Ejection state is shared by every
-// service that targets the same address:port and survives Update. Affinity follows the endpoint
-// that actually answered.
+// whole deadline. A failed dial (refused, timed out, unreachable; one cut short by the flow's
+// deadline too, but not one cut short because the caller cancelled the flow) ejects its endpoint
+// address:port for a back-off of Config.EjectBase, doubling with each consecutive failure up to
+// Config.EjectMax; a successful dial ends the ejection and resets the back-off. Ejected endpoints
+// stay candidates, after all the others: a service whose endpoints are all ejected is still tried
+// rather than refused. Ejection state is shared by every service that targets the same
+// address:port and survives Update. Affinity follows the endpoint that actually answered.
+//
+// Stats counts flows by outcome and Services shows the table with per-endpoint flow counters and
+// ejections, for `meshctl services`. The fake dialer for tests is in package proxytest.
 package proxy
 
 import (

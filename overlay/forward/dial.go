@@ -1,0 +1,160 @@
+package forward
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"net/netip"
+	"sync"
+	"time"
+
+	"github.com/edgewire/edgewire/discovery"
+)
+
+// DefaultDialTimeout bounds a Dial whose Dialer has no Timeout.
+const DefaultDialTimeout = 5 * time.Second
+
+// Dialer is the client side: it opens flows to endpoints on other nodes through their Listener. The
+// zero Dialer is ready to use; it is safe for concurrent use.
+type Dialer struct {
+	// Port is the forward port of the remote nodes; 0 means DefaultPort.
+	Port uint16
+	// Timeout bounds a whole Dial (connect, header and status), together with the context's
+	// deadline; 0 means DefaultDialTimeout.
+	Timeout time.Duration
+}
+
+// Dial opens a flow of proto to target, an endpoint on the node whose overlay address is node.
+//
+// For TCP it connects to [node]:Port, sends the header and waits for the status within the
+// deadline; a non-zero status closes the connection and returns an error wrapping ErrRefused,
+// ErrDialFailed, ErrBadRequest, ErrUnsupportedVersion or ErrProtocol. The returned conn is a
+// *net.TCPConn carrying the flow's payload, with no deadline set.
+//
+// For UDP it returns a datagram conn, connected to [node]:Port, whose Write sends one datagram
+// (header and payload) per call and whose Read returns one reply datagram per call. UDP has no
+// status: a refused target shows only as the absence of replies.
+func (d *Dialer) Dial(ctx context.Context, proto discovery.Protocol, node netip.Addr, target netip.AddrPort) (net.Conn, error) {
+	h := Header{Proto: proto, Target: target}
+	if err := h.Validate(); err != nil {
+		return nil, fmt.Errorf("forward dial %s %s via %s: %w", proto, target, node, err)
+	}
+	port := d.Port
+	if port == 0 {
+		port = DefaultPort
+	}
+	timeout := d.Timeout
+	if timeout <= 0 {
+		timeout = DefaultDialTimeout
+	}
+	server := netip.AddrPortFrom(node, port)
+	ctx, cancel := context.WithTimeout(ctx, timeout)
+	defer cancel()
+
+	var conn net.Conn
+	var err error
+	switch proto {
+	case discovery.TCP:
+		conn, err = dialTCP(ctx, server, h)
+	default:
+		conn, err = dialUDP(ctx, server, h)
+	}
+	if err != nil {
+		return nil, fmt.Errorf("forward dial %s %s via %s: %w", proto, target, server, err)
+	}
+	return conn, nil
+}
+
+// dialTCP connects to server, sends h and reads the status, all within ctx.
+func dialTCP(ctx context.Context, server netip.AddrPort, h Header) (net.Conn, error) {
+	var nd net.Dialer
+	c, err := nd.DialContext(ctx, "tcp", server.String())
+	if err != nil {
+		return nil, err
+	}
+	conn := c.(*net.TCPConn)
+	if dl, ok := ctx.Deadline(); ok {
+		conn.SetDeadline(dl)
+	}
+	// Cancelling ctx interrupts the exchange below by moving the deadline into the past.
+	stop := context.AfterFunc(ctx, func() { conn.SetDeadline(time.Unix(1, 0)) })
+	var buf [HeaderLen6]byte
+	status, err := exchange(conn, MarshalHeader(buf[:0], h))
+	if !stop() || err != nil {
+		conn.Close()
+		if ctxErr := ctx.Err(); ctxErr != nil {
+			return nil, fmt.Errorf("%w (%w)", ctxErr, err)
+		}
+		return nil, err
+	}
+	if err := status.err(); err != nil {
+		conn.Close()
+		return nil, err
+	}
+	if err := conn.SetDeadline(time.Time{}); err != nil {
+		conn.Close()
+		return nil, fmt.Errorf("clear deadline: %w", err)
+	}
+	return conn, nil
+}
+
+// exchange writes the header and reads the status.
+func exchange(conn net.Conn, hdr []byte) (Status, error) {
+	if _, err := conn.Write(hdr); err != nil {
+		return 0, fmt.Errorf("send header: %w", err)
+	}
+	var st [1]byte
+	if _, err := io.ReadFull(conn, st[:]); err != nil {
+		if errors.Is(err, io.EOF) {
+			err = io.ErrUnexpectedEOF
+		}
+		return 0, fmt.Errorf("read status: %w", err)
+	}
+	return Status(st[0]), nil
+}
+
+// dialUDP opens the flow's socket connected to server.
+func dialUDP(ctx context.Context, server netip.AddrPort, h Header) (net.Conn, error) {
+	var nd net.Dialer
+	c, err := nd.DialContext(ctx, "udp", server.String())
+	if err != nil {
+		return nil, err
+	}
+	u := &udpClientConn{c: c.(*net.UDPConn)}
+	u.buf = MarshalHeader(make([]byte, 0, HeaderLen6+1500), h)
+	u.hdrLen = len(u.buf)
+	return u, nil
+}
+
+// udpClientConn is the client side of a UDP flow: Write puts the header in front of each datagram.
+// Only the methods of net.Conn are exposed, so nothing can write a datagram without its header.
+type udpClientConn struct {
+	c      *net.UDPConn
+	hdrLen int
+
+	mu  sync.Mutex // guards buf beyond hdrLen
+	buf []byte     // header, then the payload being written
+}
+
+var _ net.Conn = (*udpClientConn)(nil)
+
+// Write sends p as the payload of one datagram.
+func (u *udpClientConn) Write(p []byte) (int, error) {
+	u.mu.Lock()
+	defer u.mu.Unlock()
+	u.buf = append(u.buf[:u.hdrLen], p...)
+	if _, err := u.c.Write(u.buf); err != nil {
+		return 0, err
+	}
+	return len(p), nil
+}
+
+func (u *udpClientConn) Read(p []byte) (int, error)         { return u.c.Read(p) }
+func (u *udpClientConn) Close() error                       { return u.c.Close() }
+func (u *udpClientConn) LocalAddr() net.Addr                { return u.c.LocalAddr() }
+func (u *udpClientConn) RemoteAddr() net.Addr               { return u.c.RemoteAddr() }
+func (u *udpClientConn) SetDeadline(t time.Time) error      { return u.c.SetDeadline(t) }
+func (u *udpClientConn) SetReadDeadline(t time.Time) error  { return u.c.SetReadDeadline(t) }
+func (u *udpClientConn) SetWriteDeadline(t time.Time) error { return u.c.SetWriteDeadline(t) }

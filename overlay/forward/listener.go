@@ -1,0 +1,295 @@
+package forward
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net"
+	"net/netip"
+	"sync"
+	"sync/atomic"
+	"syscall"
+	"time"
+
+	"golang.org/x/sys/unix"
+
+	"github.com/edgewire/edgewire/discovery"
+)
+
+// Defaults for the zero values of ListenerConfig.
+const (
+	DefaultListenDialTimeout = 5 * time.Second
+	DefaultUDPIdleTimeout    = 60 * time.Second
+	DefaultHeaderTimeout     = 5 * time.Second
+	DefaultMaxUDPFlows       = 10000
+)
+
+// ListenerConfig configures a Listener. Zero values mean the defaults written beside each field.
+type ListenerConfig struct {
+	// Logger receives the listener's logs; nil discards them.
+	Logger *slog.Logger
+	// Addr is the node's overlay address to listen on (required, not unspecified: UDP replies
+	// leave from it, and clients accept replies only from the address they sent to).
+	Addr netip.Addr
+	// Port is the forward port, TCP and UDP; 0 means DefaultPort.
+	Port uint16
+	// Device is the interface both sockets are bound to with SO_BINDTODEVICE (mesh0), so only
+	// packets that arrived through it reach them; "" binds to no device (tests on loopback).
+	Device string
+	// Allow reports whether target is a local endpoint of a known service for proto (required). It
+	// is called for every TCP request and for the first datagram of every UDP flow, concurrently,
+	// and must not block.
+	Allow func(proto discovery.Protocol, target netip.AddrPort) bool
+	// DialTimeout bounds the connection to a TCP target; 0 means DefaultListenDialTimeout.
+	DialTimeout time.Duration
+	// UDPIdleTimeout closes a UDP flow idle this long in both directions; 0 means
+	// DefaultUDPIdleTimeout.
+	UDPIdleTimeout time.Duration
+	// HeaderTimeout bounds the wait for a TCP request's header; 0 means DefaultHeaderTimeout.
+	HeaderTimeout time.Duration
+	// MaxUDPFlows caps the UDP flows open at once; 0 means DefaultMaxUDPFlows. A datagram that
+	// would open one more is dropped and counted.
+	MaxUDPFlows int
+}
+
+// Stats are the Listener's counters since Start.
+type Stats struct {
+	TCPAccepted  uint64 // TCP requests forwarded (status 0 sent)
+	UDPAccepted  uint64 // UDP flows opened
+	Refused      uint64 // targets Allow refused: TCP requests (status 1) and UDP datagrams
+	BadHeader    uint64 // malformed, wrong-protocol or other-version headers and TCP header timeouts; TCP requests and UDP datagrams
+	DialFailures uint64 // targets that could not be dialled (status 2 for TCP)
+	UDPDropped   uint64 // UDP datagrams dropped past the flow cap or on a failed send, either way
+	ActiveTCP    uint64 // TCP flows being spliced now
+	ActiveUDP    uint64 // UDP flows open now
+	BytesIn      uint64 // payload bytes from peers to targets
+	BytesOut     uint64 // payload bytes from targets to peers
+}
+
+type counters struct {
+	tcpAccepted, udpAccepted, refused, badHeader, dialFailures, udpDropped atomic.Uint64
+	activeTCP, activeUDP, bytesIn, bytesOut                                atomic.Uint64
+}
+
+// Listener is the server side: it serves forward requests on [Addr]:Port, TCP and UDP.
+//
+// States: new (NewListener) → serving (Start) → closed (Close). Close from new is fine; Start after
+// Close fails; Start twice fails.
+type Listener struct {
+	cfg   ListenerConfig
+	log   *slog.Logger
+	stats counters
+
+	logLimiter rateLimiter
+	// replyBufs holds maxDatagram-sized buffers for UDP replies. A flow's goroutine takes one only
+	// once a reply is waiting, so memory follows the replies in flight, not the flows open.
+	replyBufs sync.Pool
+
+	ctx    context.Context // cancelled by Close: aborts dials in progress
+	cancel context.CancelFunc
+	wg     sync.WaitGroup // every goroutine the Listener started
+
+	// mu guards all following fields.
+	mu       sync.Mutex
+	started  bool
+	closed   bool
+	tcpLn    *net.TCPListener
+	udpConn  *net.UDPConn
+	tcpConns map[net.Conn]struct{} // both ends of every TCP request being served
+	udpFlows map[udpKey]*udpFlow
+}
+
+// NewListener validates cfg and returns a Listener. It starts nothing and opens no socket.
+func NewListener(cfg ListenerConfig) (*Listener, error) {
+	if cfg.Logger == nil {
+		cfg.Logger = slog.New(slog.DiscardHandler)
+	}
+	if !cfg.Addr.IsValid() || cfg.Addr.IsUnspecified() {
+		return nil, fmt.Errorf("forward listener: address %v: need the node's overlay address", cfg.Addr)
+	}
+	if cfg.Allow == nil {
+		return nil, errors.New("forward listener: no Allow function")
+	}
+	if cfg.Port == 0 {
+		cfg.Port = DefaultPort
+	}
+	if cfg.DialTimeout <= 0 {
+		cfg.DialTimeout = DefaultListenDialTimeout
+	}
+	if cfg.UDPIdleTimeout <= 0 {
+		cfg.UDPIdleTimeout = DefaultUDPIdleTimeout
+	}
+	if cfg.HeaderTimeout <= 0 {
+		cfg.HeaderTimeout = DefaultHeaderTimeout
+	}
+	if cfg.MaxUDPFlows <= 0 {
+		cfg.MaxUDPFlows = DefaultMaxUDPFlows
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	l := &Listener{
+		cfg:        cfg,
+		log:        cfg.Logger.With("component", "forward"),
+		logLimiter: rateLimiter{every: time.Second},
+		ctx:        ctx,
+		cancel:     cancel,
+		tcpConns:   map[net.Conn]struct{}{},
+		udpFlows:   map[udpKey]*udpFlow{},
+	}
+	l.replyBufs.New = func() any {
+		b := make([]byte, maxDatagram)
+		return &b
+	}
+	return l, nil
+}
+
+// Addr returns the address the listener serves on.
+func (l *Listener) Addr() netip.AddrPort { return netip.AddrPortFrom(l.cfg.Addr, l.cfg.Port) }
+
+// Start listens on [Addr]:Port, TCP and UDP, bound to Device, and serves both in goroutines until
+// Close. It fails if either socket cannot be opened, leaving nothing open.
+func (l *Listener) Start() error {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	if l.closed {
+		return fmt.Errorf("forward listener %s: %w", l.Addr(), net.ErrClosed)
+	}
+	if l.started {
+		return fmt.Errorf("forward listener %s: already started", l.Addr())
+	}
+	lc := net.ListenConfig{Control: l.bindToDevice}
+	addr := l.Addr().String()
+	ln, err := lc.Listen(l.ctx, "tcp", addr)
+	if err != nil {
+		return fmt.Errorf("forward listener: %w", err)
+	}
+	pc, err := lc.ListenPacket(l.ctx, "udp", addr)
+	if err != nil {
+		ln.Close()
+		return fmt.Errorf("forward listener: %w", err)
+	}
+	l.started = true
+	l.tcpLn = ln.(*net.TCPListener)
+	l.udpConn = pc.(*net.UDPConn)
+	l.wg.Add(2)
+	go l.acceptTCP(l.tcpLn)
+	go l.readUDP(l.udpConn)
+	l.log.Info("forward listener up", "addr", addr, "device", l.cfg.Device)
+	return nil
+}
+
+// bindToDevice is the sockets' Control hook: SO_BINDTODEVICE to cfg.Device, if any.
+func (l *Listener) bindToDevice(network, address string, c syscall.RawConn) error {
+	if l.cfg.Device == "" {
+		return nil
+	}
+	var serr error
+	if err := c.Control(func(fd uintptr) {
+		serr = unix.SetsockoptString(int(fd), unix.SOL_SOCKET, unix.SO_BINDTODEVICE, l.cfg.Device)
+	}); err != nil {
+		return fmt.Errorf("%s %s: bind to device %q: %w", network, address, l.cfg.Device, err)
+	}
+	if serr != nil {
+		return fmt.Errorf("%s %s: bind to device %q: %w", network, address, l.cfg.Device, serr)
+	}
+	return nil
+}
+
+// Stats returns the listener's counters.
+func (l *Listener) Stats() Stats {
+	c := &l.stats
+	return Stats{
+		TCPAccepted:  c.tcpAccepted.Load(),
+		UDPAccepted:  c.udpAccepted.Load(),
+		Refused:      c.refused.Load(),
+		BadHeader:    c.badHeader.Load(),
+		DialFailures: c.dialFailures.Load(),
+		UDPDropped:   c.udpDropped.Load(),
+		ActiveTCP:    c.activeTCP.Load(),
+		ActiveUDP:    c.activeUDP.Load(),
+		BytesIn:      c.bytesIn.Load(),
+		BytesOut:     c.bytesOut.Load(),
+	}
+}
+
+// Close stops serving, closes every flow and waits for every goroutine the Listener started. It is
+// idempotent; every call returns after the goroutines have ended.
+func (l *Listener) Close() error {
+	l.mu.Lock()
+	var err error
+	if !l.closed {
+		l.closed = true
+		l.cancel()
+		if l.tcpLn != nil {
+			err = errors.Join(err, l.tcpLn.Close())
+		}
+		if l.udpConn != nil {
+			err = errors.Join(err, l.udpConn.Close())
+		}
+		for c := range l.tcpConns {
+			c.Close()
+		}
+		for _, f := range l.udpFlows {
+			f.conn.Close()
+		}
+	}
+	l.mu.Unlock()
+	l.wg.Wait()
+	if err != nil {
+		return fmt.Errorf("forward listener %s: close: %w", l.Addr(), err)
+	}
+	return nil
+}
+
+// track adds c to the conns Close closes; it returns false, having closed c, once Close has begun.
+func (l *Listener) track(c net.Conn) bool {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	if l.closed {
+		c.Close()
+		return false
+	}
+	l.tcpConns[c] = struct{}{}
+	return true
+}
+
+func (l *Listener) untrack(c net.Conn) {
+	l.mu.Lock()
+	delete(l.tcpConns, c)
+	l.mu.Unlock()
+	c.Close()
+}
+
+// logf logs a per-request or per-datagram event at most once per second, with the number of events
+// suppressed since the last one.
+func (l *Listener) logf(level slog.Level, msg string, args ...any) {
+	if n, ok := l.logLimiter.allow(); ok {
+		if n > 0 {
+			args = append(args, "suppressed", n)
+		}
+		l.log.Log(context.Background(), level, msg, args...)
+	}
+}
+
+// rateLimiter lets one event through per interval and counts the rest.
+type rateLimiter struct {
+	every time.Duration
+
+	mu         sync.Mutex // guards the following fields
+	last       time.Time
+	suppressed uint64
+}
+
+func (r *rateLimiter) allow() (suppressed uint64, ok bool) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	now := time.Now()
+	if !r.last.IsZero() && now.Sub(r.last) < r.every {
+		r.suppressed++
+		return 0, false
+	}
+	r.last = now
+	n := r.suppressed
+	r.suppressed = 0
+	return n, true
+}

@@ -1,0 +1,173 @@
+package forward
+
+import (
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"net"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/edgewire/edgewire/discovery"
+)
+
+// spliceChunk is how many bytes one direction of a TCP flow copies between updates of the byte
+// counters. Each chunk is moved by splice(2) without passing through user space.
+const spliceChunk = 1 << 20
+
+// acceptTCP accepts TCP requests until the listener is closed.
+func (l *Listener) acceptTCP(ln *net.TCPListener) {
+	defer l.wg.Done()
+	var backoff time.Duration
+	for {
+		c, err := ln.AcceptTCP()
+		if err != nil {
+			if errors.Is(err, net.ErrClosed) || l.ctx.Err() != nil {
+				return
+			}
+			// Out of file descriptors and the like: wait a little rather than spin.
+			backoff = min(max(2*backoff, 5*time.Millisecond), time.Second)
+			l.logf(slog.LevelWarn, "forward: tcp accept", "err", err, "retry_in", backoff)
+			t := time.NewTimer(backoff)
+			select {
+			case <-l.ctx.Done():
+				t.Stop()
+				return
+			case <-t.C:
+			}
+			continue
+		}
+		backoff = 0
+		l.wg.Add(1)
+		go l.serveTCP(c)
+	}
+}
+
+// serveTCP serves one TCP request: header, checks, dial, status, splice.
+func (l *Listener) serveTCP(c *net.TCPConn) {
+	defer l.wg.Done()
+	if !l.track(c) {
+		return
+	}
+	defer l.untrack(c)
+	peer := c.RemoteAddr()
+
+	c.SetReadDeadline(time.Now().Add(l.cfg.HeaderTimeout))
+	h, st, err := readHeader(c)
+	if err == nil && h.Proto != discovery.TCP {
+		st, err = StatusBadRequest, fmt.Errorf("%w: protocol %s on the TCP port", ErrMalformed, h.Proto)
+	}
+	if err != nil {
+		l.stats.badHeader.Add(1)
+		l.logf(slog.LevelWarn, "forward: bad tcp request", "peer", peer, "err", err)
+		l.reply(c, st)
+		return
+	}
+	c.SetReadDeadline(time.Time{})
+
+	if !l.cfg.Allow(discovery.TCP, h.Target) {
+		l.stats.refused.Add(1)
+		l.logf(slog.LevelWarn, "forward: target not allowed", "proto", h.Proto, "peer", peer, "target", h.Target)
+		l.reply(c, StatusNotAllowed)
+		return
+	}
+
+	var d net.Dialer
+	d.Timeout = l.cfg.DialTimeout
+	tc, err := d.DialContext(l.ctx, "tcp", h.Target.String())
+	if err != nil {
+		l.stats.dialFailures.Add(1)
+		l.logf(slog.LevelInfo, "forward: target dial failed", "proto", h.Proto, "peer", peer, "target", h.Target, "err", err)
+		l.reply(c, StatusDialFailed)
+		return
+	}
+	t := tc.(*net.TCPConn)
+	if !l.track(t) {
+		return
+	}
+	defer l.untrack(t)
+	if !l.reply(c, StatusOK) {
+		return
+	}
+	l.stats.tcpAccepted.Add(1)
+	l.stats.activeTCP.Add(1)
+	defer l.stats.activeTCP.Add(^uint64(0))
+	l.splice(c, t)
+}
+
+// readHeader reads exactly one header from r, first the magic and version (so another version is
+// answered even if its header is shorter), then the rest. The status is the answer to an error.
+func readHeader(r io.Reader) (Header, Status, error) {
+	var buf [HeaderLen6]byte
+	if _, err := io.ReadFull(r, buf[:3]); err != nil {
+		return Header{}, StatusBadRequest, fmt.Errorf("%w: read: %w", ErrMalformed, err)
+	}
+	if err := checkVersion(buf[:3]); err != nil {
+		if errors.Is(err, ErrUnsupportedVersion) {
+			return Header{}, StatusUnsupportedVersion, err
+		}
+		return Header{}, StatusBadRequest, err
+	}
+	if _, err := io.ReadFull(r, buf[3:headerFixedLen]); err != nil {
+		return Header{}, StatusBadRequest, fmt.Errorf("%w: read: %w", ErrMalformed, err)
+	}
+	n, err := checkFixed(buf[:headerFixedLen])
+	if err != nil {
+		return Header{}, StatusBadRequest, err
+	}
+	if _, err := io.ReadFull(r, buf[headerFixedLen:n]); err != nil {
+		return Header{}, StatusBadRequest, fmt.Errorf("%w: read target address: %w", ErrMalformed, err)
+	}
+	h, _, err := ParseHeader(buf[:n])
+	if err != nil {
+		return Header{}, StatusBadRequest, err
+	}
+	return h, StatusOK, nil
+}
+
+// reply writes status st to c within HeaderTimeout; it reports whether it was sent.
+func (l *Listener) reply(c *net.TCPConn, st Status) bool {
+	c.SetWriteDeadline(time.Now().Add(l.cfg.HeaderTimeout))
+	if _, err := c.Write([]byte{byte(st)}); err != nil {
+		l.logf(slog.LevelDebug, "forward: send status", "peer", c.RemoteAddr(), "status", st, "err", err)
+		return false
+	}
+	c.SetWriteDeadline(time.Time{})
+	return true
+}
+
+// splice copies both ways between the peer c and the target t until both directions end. EOF one
+// way half-closes the other side (CloseWrite), so a peer that shuts down its sending side still gets
+// the rest of the response; an error either way closes both.
+func (l *Listener) splice(c, t *net.TCPConn) {
+	var wg sync.WaitGroup
+	wg.Add(1)
+	l.wg.Add(1) // the caller holds a count on l.wg, so Close has not begun waiting
+	go func() {
+		defer l.wg.Done()
+		defer wg.Done()
+		copyHalf(t, c, &l.stats.bytesIn)
+	}()
+	copyHalf(c, t, &l.stats.bytesOut)
+	wg.Wait()
+}
+
+// copyHalf copies src to dst in chunks, counting bytes, then passes src's EOF on as dst's
+// half-close; an error closes both.
+func copyHalf(dst, src *net.TCPConn, bytes *atomic.Uint64) {
+	for {
+		n, err := io.CopyN(dst, src, spliceChunk)
+		bytes.Add(uint64(n))
+		if err == nil {
+			continue
+		}
+		if errors.Is(err, io.EOF) && dst.CloseWrite() == nil {
+			return
+		}
+		src.Close()
+		dst.Close()
+		return
+	}
+}
