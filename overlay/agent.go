@@ -13,6 +13,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"net"
 	"net/netip"
 	"os"
 	"sync"
@@ -22,7 +23,10 @@ import (
 	"github.com/edgewire/edgewire/discovery"
 	"github.com/edgewire/edgewire/dns"
 	"github.com/edgewire/edgewire/overlay/control"
+	"github.com/edgewire/edgewire/overlay/forward"
+	"github.com/edgewire/edgewire/overlay/identity"
 	"github.com/edgewire/edgewire/overlay/netstack"
+	"github.com/edgewire/edgewire/overlay/path"
 	"github.com/edgewire/edgewire/overlay/proxy"
 	"github.com/edgewire/edgewire/overlay/tun"
 )
@@ -54,6 +58,18 @@ type Config struct {
 	UDPIdleTimeout time.Duration
 	// ConnectTimeout bounds the connection to an endpoint, retries included (default 5s).
 	ConnectTimeout time.Duration
+	// ListenPort is the UDP port of the node's WireGuard socket (default 51820).
+	ListenPort uint16
+	// OverlayPrefix is the overlay range (default identity.DefaultOverlayPrefix, an IPv6 ULA /48);
+	// each node's overlay address in it is derived from its WireGuard public key.
+	OverlayPrefix netip.Prefix
+	// WGInterface names the WireGuard UAPI socket, /var/run/wireguard/<WGInterface>.sock, that `wg show`
+	// reads (default: TUNName).
+	WGInterface string
+	// ForwardPort is the port, TCP and UDP, of the agent-to-agent forward listener on the overlay
+	// address (default forward.DefaultPort).
+	ForwardPort uint16
+
 	// Upstreams are the resolvers ("ip:port") for names outside the cluster domain; none: SERVFAIL.
 	Upstreams []string
 
@@ -97,6 +113,22 @@ func (c *Config) setDefaults() error {
 	if c.MTU < 1280 || c.MTU > 65535 {
 		return fmt.Errorf("mtu %d: must be 1280-65535", c.MTU)
 	}
+	if c.ListenPort == 0 {
+		c.ListenPort = path.DefaultPort
+	}
+	if !c.OverlayPrefix.IsValid() {
+		c.OverlayPrefix = identity.DefaultOverlayPrefix
+	}
+	if err := identity.CheckOverlayPrefix(c.OverlayPrefix); err != nil {
+		return fmt.Errorf("overlay prefix: %w", err)
+	}
+	c.OverlayPrefix = c.OverlayPrefix.Masked()
+	if c.WGInterface == "" {
+		c.WGInterface = c.TUNName
+	}
+	if c.ForwardPort == 0 {
+		c.ForwardPort = forward.DefaultPort
+	}
 	if c.UDPIdleTimeout == 0 {
 		c.UDPIdleTimeout = 60 * time.Second
 	}
@@ -113,6 +145,7 @@ type Agent struct {
 
 	proxy *proxy.Proxy
 	dns   *dns.Server
+	meshP atomic.Pointer[mesh] // set by Run once the identity is loaded
 
 	started  time.Time
 	snap     atomic.Pointer[discovery.Snapshot]
@@ -140,10 +173,11 @@ func New(cfg Config) (*Agent, error) {
 	a := &Agent{
 		cfg:    cfg,
 		logger: logger.With("component", "agent"),
-		proxy:  proxy.New(proxy.Config{Logger: logger}),
 		dns:    d,
 		down:   make(chan struct{}),
 	}
+	// The proxy dials endpoints through the mesh, which exists once Run has loaded the identity.
+	a.proxy = proxy.New(proxy.Config{Logger: logger, Dialer: (*meshDialer)(a)})
 	a.snap.Store(&discovery.Snapshot{})
 	return a, nil
 }
@@ -157,6 +191,18 @@ func (a *Agent) Run(ctx context.Context) (err error) {
 	if err := os.MkdirAll(cfg.StateDir, 0o700); err != nil {
 		return fmt.Errorf("state dir: %w", err)
 	}
+	id, created, err := identity.LoadOrCreate(cfg.StateDir)
+	if err != nil {
+		return fmt.Errorf("node identity: %w", err)
+	}
+	overlayAddr, err := identity.OverlayAddr(cfg.OverlayPrefix, id.WireGuardPublic)
+	if err != nil {
+		return fmt.Errorf("node identity: %w", err)
+	}
+	a.logger.Info("node identity", "created", created, "wireguard_public_key", id.WireGuardPublic.String(),
+		"overlay", overlayAddr, "state_dir", cfg.StateDir)
+	m := newMesh(&cfg, id, overlayAddr)
+	a.meshP.Store(m)
 
 	var cleanups []func() error
 	defer func() {
@@ -235,7 +281,8 @@ func (a *Agent) Run(ctx context.Context) (err error) {
 		Logger: cfg.Logger,
 		Name:   cfg.TUNName,
 		MTU:    cfg.MTU,
-		Routes: []netip.Prefix{cfg.ServiceCIDR, netip.PrefixFrom(cfg.DNSIP, cfg.DNSIP.BitLen())},
+		Addrs:  []netip.Prefix{netip.PrefixFrom(overlayAddr, overlayAddr.BitLen())},
+		Routes: []netip.Prefix{cfg.ServiceCIDR, netip.PrefixFrom(cfg.DNSIP, cfg.DNSIP.BitLen()), cfg.OverlayPrefix},
 	})
 	if err != nil {
 		return err
@@ -243,13 +290,21 @@ func (a *Agent) Run(ctx context.Context) (err error) {
 	splitter := tun.NewSplitter(cfg.Logger, dev.TUN())
 	splitter.Route(cfg.ServiceCIDR, stack)
 	splitter.Route(netip.PrefixFrom(cfg.DNSIP, cfg.DNSIP.BitLen()), stack)
-	// Closing the device unblocks the splitter's reads; only then can the splitter be waited for.
+	overlayDev := splitter.Overlay()
+	// Closing the TUN (after removing its routes) unblocks every reader of it: the splitter's, and
+	// wireguard-go's, which then closes its device; mesh.close waits for that, then the splitter is
+	// waited for.
 	cleanups = append(cleanups, func() error {
-		return errors.Join(dev.Close(), splitter.Close())
+		derr := dev.Close()
+		return errors.Join(derr, m.close(), splitter.Close())
 	})
 	if err := splitter.Start(); err != nil {
 		return fmt.Errorf("tun %s: %w", dev.Name(), err)
 	}
+	if err := m.start(overlayDev, dev.Name()); err != nil {
+		return err
+	}
+	m.apply(a.snap.Load())
 
 	ctl := control.NewServer(cfg.ControlSocket, (*backend)(a), cfg.Logger)
 	if err := ctl.Start(); err != nil {
@@ -293,4 +348,15 @@ func (a *Agent) apply(s *discovery.Snapshot) {
 	}
 	a.logger.Info("catalog applied", "services", len(s.Services), "endpoints", eps,
 		"nodes", len(s.Nodes), "took", time.Since(start))
+}
+
+// meshDialer is the proxy's EndpointDialer: the mesh once it exists.
+type meshDialer Agent
+
+func (d *meshDialer) DialEndpoint(ctx context.Context, proto discovery.Protocol, ep *discovery.Endpoint, addr netip.AddrPort) (net.Conn, error) {
+	m := (*Agent)(d).meshP.Load()
+	if m == nil {
+		return nil, errors.New("agent not running")
+	}
+	return m.DialEndpoint(ctx, proto, ep, addr)
 }

@@ -2,6 +2,7 @@ package overlay
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"net/netip"
 	"strconv"
@@ -59,6 +60,11 @@ func (b *backend) Status() control.Status {
 		ns := stack.Stats()
 		st.Flows.ActiveTCP = int64(ns.TCP.Active)
 		st.Flows.ActiveUDP = int64(ns.UDP.Active)
+	}
+	if m := a.meshP.Load(); m != nil {
+		if wg, err := b.WireGuard(); err == nil {
+			st.PublicKey, st.Overlay, st.ListenPort, st.Peers = wg.PublicKey, wg.Overlay, wg.ListenPort, wg.Peers
+		}
 	}
 	ds := a.dns.Stats()
 	st.DNS = control.DNSStats{
@@ -180,3 +186,29 @@ func rrStrings(rrs []mdns.RR) []string {
 }
 
 func (b *backend) Down() { (*Agent)(b).Down() }
+
+func (b *backend) WireGuard() (control.WireGuard, error) {
+	m := (*Agent)(b).meshP.Load()
+	if m == nil {
+		return control.WireGuard{}, errors.New("wireguard is not up yet")
+	}
+	di, err := m.info()
+	if err != nil {
+		return control.WireGuard{}, err
+	}
+	wg := control.WireGuard{
+		Interface: di.Interface, PublicKey: di.PublicKey, ListenPort: di.ListenPort, Overlay: di.Overlay,
+		Peers: make([]control.WGPeer, 0, len(di.Peers)),
+	}
+	for _, p := range di.Peers {
+		cp := control.WGPeer{
+			Node: p.Node, PublicKey: p.PublicKey, Endpoint: p.Endpoint, AllowedIPs: p.AllowedIPs,
+			RxBytes: p.RxBytes, TxBytes: p.TxBytes, PersistentKeepalive: p.Keepalive,
+		}
+		if p.LastHandshake > 0 {
+			cp.LatestHandshake = time.Unix(p.LastHandshake, 0)
+		}
+		wg.Peers = append(wg.Peers, cp)
+	}
+	return wg, nil
+}

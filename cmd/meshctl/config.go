@@ -27,6 +27,10 @@ type upOptions struct {
 	ResolvConf     string        `yaml:"resolvConf"`
 	Upstreams      []string      `yaml:"upstreams"`
 	TUNName        string        `yaml:"tunName"`
+	ListenPort     int           `yaml:"listenPort"`
+	OverlayPrefix  string        `yaml:"overlayPrefix"`
+	WGInterface    string        `yaml:"wgInterface"`
+	ForwardPort    int           `yaml:"forwardPort"`
 	MTU            int           `yaml:"mtu"`
 	UDPIdleTimeout time.Duration `yaml:"udpIdleTimeout"`
 	ConnectTimeout time.Duration `yaml:"connectTimeout"`
@@ -39,7 +43,8 @@ var flagNames = map[string]string{
 	"nodeName": "node-name", "servicesFile": "services-file", "stateDir": "state-dir",
 	"serviceCIDR": "service-cidr", "dnsIP": "dns-ip", "clusterDomain": "cluster-domain",
 	"controlSocket": "control-socket", "resolvConf": "resolv-conf", "upstreams": "upstream",
-	"tunName": "tun-name", "mtu": "mtu", "udpIdleTimeout": "udp-idle-timeout",
+	"tunName": "tun-name", "listenPort": "listen-port", "overlayPrefix": "overlay-prefix",
+	"wgInterface": "wg-interface", "forwardPort": "forward-port", "mtu": "mtu", "udpIdleTimeout": "udp-idle-timeout",
 	"connectTimeout": "connect-timeout", "logLevel": "log-level", "logFormat": "log-format",
 }
 
@@ -56,6 +61,10 @@ func (o *upOptions) addFlags(fs *pflag.FlagSet) {
 	fs.StringSliceVar(&o.Upstreams, "upstream", nil, "upstream resolver ip[:port] (repeatable); overrides --resolv-conf")
 	fs.StringVar(&o.TUNName, "tun-name", "mesh0", "name of the TUN device")
 	fs.IntVar(&o.MTU, "mtu", 1420, "MTU of the TUN device")
+	fs.IntVar(&o.ListenPort, "listen-port", 51820, "UDP port of the node's WireGuard socket")
+	fs.StringVar(&o.OverlayPrefix, "overlay-prefix", "fd65:7765:7769::/48", "overlay range (IPv6 ULA); node addresses are derived from WireGuard public keys")
+	fs.StringVar(&o.WGInterface, "wg-interface", "", "name of the WireGuard UAPI socket /var/run/wireguard/NAME.sock for `wg show` (default: --tun-name)")
+	fs.IntVar(&o.ForwardPort, "forward-port", 51821, "TCP and UDP port of the agent-to-agent forward listener on the overlay address")
 	fs.DurationVar(&o.UDPIdleTimeout, "udp-idle-timeout", 60*time.Second, "close a UDP flow idle this long")
 	fs.DurationVar(&o.ConnectTimeout, "connect-timeout", 5*time.Second, "deadline to connect to an endpoint, retries included")
 	fs.StringVar(&o.LogLevel, "log-level", "info", "log level: debug, info, warn, error")
@@ -105,6 +114,14 @@ func (o *upOptions) loadConfigFile(path string, fs *pflag.FlagSet) error {
 			o.Upstreams = fromFile.Upstreams
 		case "tunName":
 			o.TUNName = fromFile.TUNName
+		case "listenPort":
+			o.ListenPort = fromFile.ListenPort
+		case "overlayPrefix":
+			o.OverlayPrefix = fromFile.OverlayPrefix
+		case "wgInterface":
+			o.WGInterface = fromFile.WGInterface
+		case "forwardPort":
+			o.ForwardPort = fromFile.ForwardPort
 		case "mtu":
 			o.MTU = fromFile.MTU
 		case "udpIdleTimeout":
@@ -122,6 +139,7 @@ func (o *upOptions) loadConfigFile(path string, fs *pflag.FlagSet) error {
 
 // parsed is upOptions checked and converted to typed values.
 type parsed struct {
+	overlay     netip.Prefix
 	serviceCIDR netip.Prefix
 	dnsIP       netip.Addr
 	upstreams   []string
@@ -147,6 +165,15 @@ func (o *upOptions) parse() (parsed, error) {
 	}
 	if strings.Trim(o.ClusterDomain, ".") == "" {
 		return p, errors.New("--cluster-domain is empty")
+	}
+	if p.overlay, err = netip.ParsePrefix(o.OverlayPrefix); err != nil {
+		return p, fmt.Errorf("--overlay-prefix %q: want an IPv6 prefix such as fd65:7765:7769::/48: %w", o.OverlayPrefix, err)
+	}
+	if o.ListenPort < 1 || o.ListenPort > 65535 {
+		return p, fmt.Errorf("--listen-port %d: must be 1-65535", o.ListenPort)
+	}
+	if o.ForwardPort < 1 || o.ForwardPort > 65535 {
+		return p, fmt.Errorf("--forward-port %d: must be 1-65535", o.ForwardPort)
 	}
 	if o.MTU < 1280 || o.MTU > 65535 {
 		return p, fmt.Errorf("--mtu %d: must be 1280-65535", o.MTU)

@@ -80,7 +80,7 @@ func TestConfigFileAndFlags(t *testing.T) {
 func TestParseOptions(t *testing.T) {
 	valid := func() upOptions {
 		return upOptions{NodeName: "n", ServicesFile: "f", ServiceCIDR: "9.251.0.0/16", DNSIP: "169.254.96.16",
-			ClusterDomain: "cluster.local", MTU: 1420, UDPIdleTimeout: time.Minute, ConnectTimeout: time.Second}
+			ClusterDomain: "cluster.local", MTU: 1420, OverlayPrefix: "fd65:7765:7769::/48", ListenPort: 51820, ForwardPort: 51821, UDPIdleTimeout: time.Minute, ConnectTimeout: time.Second}
 	}
 	tests := []struct {
 		name    string

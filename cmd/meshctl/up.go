@@ -38,7 +38,8 @@ the document and field at fault, and the last good catalog stays in force.
 
 Every flag can also be set in a YAML file given with --config, using the camelCase field
 names (nodeName, servicesFile, stateDir, serviceCIDR, dnsIP, clusterDomain, controlSocket,
-resolvConf, upstreams, tunName, mtu, udpIdleTimeout, connectTimeout, logLevel, logFormat).
+resolvConf, upstreams, tunName, mtu, listenPort, overlayPrefix, wgInterface, forwardPort,
+udpIdleTimeout, connectTimeout, logLevel, logFormat).
 Flags given on the command line win over the file.
 
 up needs root (or CAP_NET_ADMIN) for the TUN device and its routes.`,
@@ -84,6 +85,10 @@ func runUp(ctx context.Context, o *upOptions) error {
 		ClusterDomain:  o.ClusterDomain,
 		ControlSocket:  o.ControlSocket,
 		TUNName:        o.TUNName,
+		ListenPort:     uint16(o.ListenPort),
+		OverlayPrefix:  p.overlay,
+		WGInterface:    o.WGInterface,
+		ForwardPort:    uint16(o.ForwardPort),
 		MTU:            o.MTU,
 		UDPIdleTimeout: o.UDPIdleTimeout,
 		ConnectTimeout: o.ConnectTimeout,

@@ -54,6 +54,13 @@ func (c *Client) Resolve(ctx context.Context, name, qtype string) (Resolution, e
 	return res, err
 }
 
+// WireGuard fetches the agent's WireGuard device state.
+func (c *Client) WireGuard(ctx context.Context) (WireGuard, error) {
+	var wg WireGuard
+	err := c.do(ctx, http.MethodGet, "/v1/wireguard", &wg)
+	return wg, err
+}
+
 // Down asks the agent to shut down.
 func (c *Client) Down(ctx context.Context) error {
 	return c.do(ctx, http.MethodPost, "/v1/down", nil)

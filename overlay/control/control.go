@@ -8,6 +8,7 @@
 //	GET  /v1/status                     → Status
 //	GET  /v1/services                   → []Service
 //	GET  /v1/resolve?name=N&type=T      → Resolution
+//	GET  /v1/wireguard                  → WireGuard
 //	POST /v1/down                       → {} and the agent shuts down
 //
 // Errors are answered with a non-2xx status and {"error": "..."}.
@@ -37,6 +38,32 @@ type Status struct {
 	Upstreams        []string  `json:"upstreams"`
 	Flows            FlowStats `json:"flows"`
 	DNS              DNSStats  `json:"dns"`
+	// WireGuard identity of the node and its peers.
+	PublicKey  string   `json:"publicKey"`
+	Overlay    string   `json:"overlay"`
+	ListenPort int      `json:"listenPort"`
+	Peers      []WGPeer `json:"peers"`
+}
+
+// WireGuard is the node's WireGuard device as `wg show` sees it, with node names.
+type WireGuard struct {
+	Interface  string   `json:"interface"`
+	PublicKey  string   `json:"publicKey"`
+	ListenPort int      `json:"listenPort"`
+	Overlay    string   `json:"overlay"`
+	Peers      []WGPeer `json:"peers"`
+}
+
+// WGPeer is one WireGuard peer.
+type WGPeer struct {
+	Node                string    `json:"node,omitempty"`
+	PublicKey           string    `json:"publicKey"`
+	Endpoint            string    `json:"endpoint,omitempty"`
+	AllowedIPs          []string  `json:"allowedIPs"`
+	LatestHandshake     time.Time `json:"latestHandshake,omitzero"`
+	RxBytes             uint64    `json:"rxBytes"`
+	TxBytes             uint64    `json:"txBytes"`
+	PersistentKeepalive int       `json:"persistentKeepalive,omitempty"`
 }
 
 // FlowStats counts flows through the service proxy.
@@ -107,6 +134,7 @@ type Backend interface {
 	Status() Status
 	Services() []Service
 	Resolve(ctx context.Context, name, qtype string) (Resolution, error)
+	WireGuard() (WireGuard, error)
 	// Down asks the agent to shut down; it returns at once.
 	Down()
 }

@@ -29,6 +29,9 @@ func (f *fakeBackend) Resolve(_ context.Context, name, qtype string) (Resolution
 	return Resolution{Name: name, Type: qtype, Rcode: "NOERROR", Answer: []string{name + " 5 IN A 9.251.0.10"}}, nil
 }
 func (f *fakeBackend) Down() { close(f.down) }
+func (f *fakeBackend) WireGuard() (WireGuard, error) {
+	return WireGuard{Interface: "mesh0", Peers: []WGPeer{{Node: "edge-2", PublicKey: "k"}}}, nil
+}
 
 func TestRoundTrip(t *testing.T) {
 	path := filepath.Join(t.TempDir(), "ctl.sock")
@@ -83,6 +86,12 @@ func TestRoundTrip(t *testing.T) {
 				t.Fatalf("Start = %v, want 'another agent' error", err)
 			}
 			other.Close()
+		}},
+		{"wireguard", func(t *testing.T) {
+			wg, err := c.WireGuard(ctx)
+			if err != nil || wg.Interface != "mesh0" || len(wg.Peers) != 1 || wg.Peers[0].Node != "edge-2" {
+				t.Fatalf("WireGuard = %+v, %v", wg, err)
+			}
 		}},
 		{"down", func(t *testing.T) {
 			if err := c.Down(ctx); err != nil {

@@ -124,6 +124,14 @@ func (s *Server) handler() http.Handler {
 		}
 		writeJSON(w, http.StatusOK, res)
 	})
+	mux.HandleFunc("GET /v1/wireguard", func(w http.ResponseWriter, r *http.Request) {
+		wg, err := s.backend.WireGuard()
+		if err != nil {
+			writeError(w, http.StatusServiceUnavailable, err)
+			return
+		}
+		writeJSON(w, http.StatusOK, wg)
+	})
 	mux.HandleFunc("POST /v1/down", func(w http.ResponseWriter, r *http.Request) {
 		writeJSON(w, http.StatusOK, struct{}{})
 		s.backend.Down()

@@ -7,6 +7,7 @@ import (
 	"io"
 	"net"
 	"net/netip"
+	"os"
 	"sync"
 	"time"
 
@@ -84,7 +85,12 @@ func dialTCP(ctx context.Context, server netip.AddrPort, h Header) (net.Conn, er
 	status, err := exchange(conn, MarshalHeader(buf[:0], h))
 	if !stop() || err != nil {
 		conn.Close()
-		if ctxErr := ctx.Err(); ctxErr != nil {
+		ctxErr := ctx.Err()
+		if ctxErr == nil && errors.Is(err, os.ErrDeadlineExceeded) {
+			// The socket deadline, which is ctx's, fired before ctx's own timer.
+			ctxErr = context.DeadlineExceeded
+		}
+		if ctxErr != nil {
 			return nil, fmt.Errorf("%w (%w)", ctxErr, err)
 		}
 		return nil, err

@@ -35,7 +35,8 @@
 //	0  ok: the target is connected; from the next byte on, both directions are the flow's payload
 //	1  not allowed: the target is not a local endpoint of a known service
 //	2  dial failed: the target refused or did not answer within the server's dial timeout
-//	3  bad request: malformed header, wrong protocol, or no header within 5 s
+//	3  bad request: malformed header, wrong protocol, or no whole header within the header
+//	   timeout (5 s by default)
 //	4  unsupported version
 //
 // After a non-zero status the server closes the connection, and the client may fail over to

@@ -33,7 +33,7 @@ func allowOnly(targets ...netip.AddrPort) func(discovery.Protocol, netip.AddrPor
 
 // startListener starts a Listener on a port free for both TCP and UDP on cfg.Addr (default
 // 127.0.0.1) and closes it when the test ends.
-func startListener(t *testing.T, cfg ListenerConfig) *Listener {
+func startListener(t testing.TB, cfg ListenerConfig) *Listener {
 	t.Helper()
 	if !cfg.Addr.IsValid() {
 		cfg.Addr = loopback4
@@ -59,7 +59,7 @@ func startListener(t *testing.T, cfg ListenerConfig) *Listener {
 	return nil
 }
 
-func freePort(t *testing.T, a netip.Addr) uint16 {
+func freePort(t testing.TB, a netip.Addr) uint16 {
 	t.Helper()
 	ln, err := net.ListenTCP("tcp", net.TCPAddrFromAddrPort(netip.AddrPortFrom(a, 0)))
 	if err != nil {
@@ -74,7 +74,7 @@ func dialerFor(l *Listener) *Dialer {
 }
 
 // waitFor polls cond until it holds or 5 s have passed.
-func waitFor(t *testing.T, what string, cond func() bool) {
+func waitFor(t testing.TB, what string, cond func() bool) {
 	t.Helper()
 	deadline := time.Now().Add(5 * time.Second)
 	for !cond() {
@@ -96,7 +96,7 @@ type tcpTarget struct {
 }
 
 // startTCPTarget serves every connection with handle and stops when the test ends.
-func startTCPTarget(t *testing.T, a netip.Addr, handle func(*net.TCPConn)) *tcpTarget {
+func startTCPTarget(t testing.TB, a netip.Addr, handle func(*net.TCPConn)) *tcpTarget {
 	t.Helper()
 	ln, err := net.ListenTCP("tcp", net.TCPAddrFromAddrPort(netip.AddrPortFrom(a, 0)))
 	if err != nil {
@@ -152,7 +152,7 @@ type udpTarget struct {
 	wg        sync.WaitGroup
 }
 
-func startUDPTarget(t *testing.T, a netip.Addr, reply func([]byte) [][]byte) *udpTarget {
+func startUDPTarget(t testing.TB, a netip.Addr, reply func([]byte) [][]byte) *udpTarget {
 	t.Helper()
 	pc, err := net.ListenUDP("udp", net.UDPAddrFromAddrPort(netip.AddrPortFrom(a, 0)))
 	if err != nil {

@@ -55,10 +55,12 @@ type ListenerConfig struct {
 
 // Stats are the Listener's counters since Start.
 type Stats struct {
-	TCPAccepted  uint64 // TCP requests forwarded (status 0 sent)
-	UDPAccepted  uint64 // UDP flows opened
-	Refused      uint64 // targets Allow refused: TCP requests (status 1) and UDP datagrams
-	BadHeader    uint64 // malformed, wrong-protocol or other-version headers and TCP header timeouts; TCP requests and UDP datagrams
+	TCPAccepted uint64 // TCP requests forwarded (status 0 sent)
+	UDPAccepted uint64 // UDP flows opened
+	Refused     uint64 // targets Allow refused: TCP requests (status 1) and UDP datagrams
+	// BadHeader counts malformed, wrong-protocol and other-version headers, TCP and UDP, and TCP
+	// connections that closed or timed out before a whole header.
+	BadHeader    uint64
 	DialFailures uint64 // targets that could not be dialled (status 2 for TCP)
 	UDPDropped   uint64 // UDP datagrams dropped past the flow cap or on a failed send, either way
 	ActiveTCP    uint64 // TCP flows being spliced now

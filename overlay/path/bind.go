@@ -16,13 +16,13 @@
 //	type 3 cookie reply          exactly  64 bytes
 //	type 4 transport data        at least 32 bytes, and (length-16) a multiple of 16
 //
-// Every other datagram — whatever its content, including an empty one's absence (an empty datagram
-// is never reported: wireguard-go's receive contract reserves size 0 for "nothing here") — is not
-// WireGuard: it is handed to Config.OnPacket and hidden from wireguard-go by setting its size to 0,
-// which wireguard-go skips (device/receive.go ignores sizes below MinMessageSize). So a protocol
-// that shares the socket needs only one rule to stay out of WireGuard's way: none of its datagrams
-// may start with a byte 1..4 followed by three zero bytes. Bind.SendTo refuses a datagram that
-// breaks this rule, since the peer would hand it to WireGuard, which would drop it.
+// Every other non-empty datagram is not WireGuard: it is handed to Config.OnPacket (or dropped and
+// counted without one) and hidden from wireguard-go by setting its size to 0, which wireguard-go
+// skips (device/receive.go ignores sizes below MinMessageSize). An empty datagram is never seen:
+// wireguard-go's receive contract reserves size 0 for "nothing here". A protocol sharing the socket
+// therefore needs one rule to stay out of WireGuard's way: none of its datagrams may start with a
+// byte 1..4 followed by three zero bytes. Bind.SendTo refuses a datagram that breaks the rule
+// (whatever its length), since the receiver could hand it to WireGuard, which would drop it.
 //
 // The wrapper runs on wireguard-go's receive goroutines (one per address family), after the inner
 // ReceiveFunc has filled a batch; it allocates nothing per packet and counts per batch.

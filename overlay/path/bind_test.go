@@ -349,3 +349,22 @@ func lastHandshake(tb testing.TB, n *testNode) time.Time {
 func probe(i int) []byte {
 	return fmt.Appendf(bytes.Clone(probeMagic), "-%03d", i)
 }
+
+// TestReceiveFuncNames checks that wrapping keeps the names wireguard-go logs its receive
+// goroutines by ("v4", "v6").
+func TestReceiveFuncNames(t *testing.T) {
+	b := NewBind(Config{})
+	fns, _, err := b.Open(0)
+	if err != nil {
+		t.Fatalf("Open: %v", err)
+	}
+	defer b.Close()
+	if len(fns) == 0 {
+		t.Fatal("Open returned no receive functions")
+	}
+	for _, fn := range fns {
+		if name := fn.PrettyName(); name != "v4" && name != "v6" {
+			t.Errorf("receive function named %q, want v4 or v6", name)
+		}
+	}
+}

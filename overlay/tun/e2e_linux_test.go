@@ -126,7 +126,7 @@ func TestEndToEnd(t *testing.T) {
 			if !bytes.Equal(got, data) {
 				t.Fatalf("echoed %d bytes, want the %d sent", len(got), len(data))
 			}
-		})
+		}()
 
 		func() { // UDP to the DNS IP
 

@@ -44,6 +44,7 @@ type Splitter struct {
 	mu      sync.Mutex
 	started bool
 	closed  bool
+	overlay *overlayDev
 }
 
 type splitRoute struct {
@@ -138,8 +139,15 @@ func (s *Splitter) Start() error {
 	for _, d := range s.devs {
 		d.pending = make([][]byte, 0, batch)
 	}
-	s.wg.Add(1 + len(s.devs))
-	go s.inbound(sorted, batch)
+	if s.overlay != nil {
+		// wireguard-go's TUN reader drives the inbound path through the overlay device's Read.
+		s.overlay.routes = sorted
+		s.overlay.ready.Store(true)
+	} else {
+		s.wg.Add(1)
+		go s.inbound(sorted, batch)
+	}
+	s.wg.Add(len(s.devs))
 	for _, d := range s.devs {
 		go s.outbound(d)
 	}

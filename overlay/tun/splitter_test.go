@@ -96,7 +96,8 @@ func TestSplitterRoutes(t *testing.T) {
 	}
 	for _, d := range []*tuntest.ChannelTUN{r.svc, r.dns, r.ovl} {
 		if n := len(d.Outbound); n != 0 {
-			t.Errorf("%v got %d extra packets", d, n)
+			name, _ := d.Name()
+			t.Errorf("%s got %d extra packets", name, n)
 		}
 	}
 }

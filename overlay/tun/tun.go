@@ -11,6 +11,8 @@
 package tun
 
 import (
+	"golang.org/x/sys/unix"
+
 	"errors"
 	"fmt"
 	"io/fs"
@@ -139,6 +141,11 @@ func Open(cfg Config) (_ *Device, err error) {
 	}
 	for _, p := range cfg.Addrs {
 		a := &netlink.Addr{IPNet: ipNet(p)}
+		if p.Addr().Is6() {
+			// A TUN has no link layer to detect duplicates on; without NODAD the address stays tentative
+			// for a while and nothing can bind to it.
+			a.Flags = unix.IFA_F_NODAD
+		}
 		if err := nl.AddrAdd(d.link, a); err != nil {
 			return nil, fmt.Errorf("tun %s: add address %v: %w", cfg.Name, p, err)
 		}
