@@ -291,12 +291,13 @@ func (a *Agent) Run(ctx context.Context) (err error) {
 	splitter.Route(cfg.ServiceCIDR, stack)
 	splitter.Route(netip.PrefixFrom(cfg.DNSIP, cfg.DNSIP.BitLen()), stack)
 	overlayDev := splitter.Overlay()
-	// Closing the TUN (after removing its routes) unblocks every reader of it: the splitter's, and
-	// wireguard-go's, which then closes its device; mesh.close waits for that, then the splitter is
-	// waited for.
+	// Closing the TUN (after removing its routes) unblocks wireguard-go's reader of it, which then
+	// closes its device; mesh.close waits for that. DNS stops before the stack it listens on. Closing the
+	// stack unblocks the splitter's reader of
+	// it; only then can the splitter be waited for.
 	cleanups = append(cleanups, func() error {
 		derr := dev.Close()
-		return errors.Join(derr, m.close(), splitter.Close())
+		return errors.Join(derr, m.close(), a.dns.Close(), stack.Close(), splitter.Close())
 	})
 	if err := splitter.Start(); err != nil {
 		return fmt.Errorf("tun %s: %w", dev.Name(), err)
