@@ -28,6 +28,9 @@ const (
 	// AnnotationLBPolicy selects the load-balancing policy of a service: "round-robin" (default),
 	// "random" or "source-hash".
 	AnnotationLBPolicy = "edgewire.io/lb-policy"
+	// AnnotationTopologyPreference set to "local" makes new flows prefer ready endpoints on the
+	// client's own node, falling back to the others when it has none.
+	AnnotationTopologyPreference = "edgewire.io/topology-preference"
 )
 
 // Annotations an agent publishes on its Node: how other nodes reach it over WireGuard.

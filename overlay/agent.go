@@ -177,7 +177,7 @@ func New(cfg Config) (*Agent, error) {
 		down:   make(chan struct{}),
 	}
 	// The proxy dials endpoints through the mesh, which exists once Run has loaded the identity.
-	a.proxy = proxy.New(proxy.Config{Logger: logger, Dialer: (*meshDialer)(a)})
+	a.proxy = proxy.New(proxy.Config{Logger: logger, Dialer: (*meshDialer)(a), LocalNode: cfg.NodeName})
 	a.snap.Store(&discovery.Snapshot{})
 	return a, nil
 }

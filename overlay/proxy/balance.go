@@ -16,15 +16,16 @@ const inlineTargets = 16
 // endpoint, then the policy's order, with ejected endpoints moved after all the others.
 func (p *Proxy) candidates(dst []*target, sp *svcPort, client netip.Addr) []*target {
 	now := p.now()
-	n := len(sp.targets)
-	order := dst
-	switch sp.policy {
-	case PolicySourceHash:
-		order = sourceHashOrder(order, sp.targets, client)
-	case PolicyRandom:
-		order = rotation(order, sp.targets, p.rand(n))
-	default:
-		order = rotation(order, sp.targets, int((sp.rr.Add(1)-1)%uint64(n)))
+	var seq uint64
+	if sp.policy != PolicySourceHash && sp.policy != PolicyRandom {
+		seq = sp.rr.Add(1) - 1 // one round-robin step per flow, whatever the grouping
+	}
+	var order []*target
+	if sp.local != nil {
+		order = p.policyOrder(dst, sp.local, sp, client, seq)
+		order = p.policyOrder(order, sp.remote, sp, client, seq)
+	} else {
+		order = p.policyOrder(dst, sp.targets, sp, client, seq)
 	}
 	if sp.affinity != nil {
 		if addr, ok := sp.affinity.lookup(client, now, sp.affinityTimeout); ok {
@@ -32,6 +33,23 @@ func (p *Proxy) candidates(dst []*target, sp *svcPort, client netip.Addr) []*tar
 		}
 	}
 	return ejectedLast(order, now)
+}
+
+// policyOrder appends targets to dst in the order of sp's policy; seq is the flow's round-robin
+// step.
+func (p *Proxy) policyOrder(dst, targets []*target, sp *svcPort, client netip.Addr, seq uint64) []*target {
+	n := len(targets)
+	if n == 0 {
+		return dst
+	}
+	switch sp.policy {
+	case PolicySourceHash:
+		return sourceHashOrder(dst, targets, client)
+	case PolicyRandom:
+		return rotation(dst, targets, p.rand(n))
+	default:
+		return rotation(dst, targets, int(seq%uint64(n)))
+	}
 }
 
 // rotation appends targets starting at index start and wrapping around.

@@ -236,3 +236,63 @@ func TestUnknownPolicyLoggedOncePerUpdate(t *testing.T) {
 		t.Errorf("policy shown as %q, want round-robin", got)
 	}
 }
+
+func TestTopologyPreferenceLocal(t *testing.T) {
+	local := func(s *discovery.Service) *discovery.Service {
+		if s.Annotations == nil {
+			s.Annotations = map[string]string{}
+		}
+		s.Annotations[discovery.AnnotationTopologyPreference] = "local"
+		return s
+	}
+	cases := []struct {
+		name      string
+		localNode string
+		svc       *discovery.Service
+		refuse    []netip.AddrPort
+		want      map[netip.AddrPort]int // flows out of 300
+	}{
+		{
+			name: "two local endpoints share all flows", localNode: "n1",
+			svc:  local(service(ep("n1", "10.1.0.1"), ep("n1", "10.1.0.2"), ep("n3", "10.1.0.3"))),
+			want: map[netip.AddrPort]int{e0: 150, e1: 150},
+		},
+		{
+			name: "no local endpoint: all endpoints", localNode: "n9",
+			svc:  local(service(threeEndpoints()...)),
+			want: map[netip.AddrPort]int{e0: 100, e1: 100, e2: 100},
+		},
+		{
+			name: "without the annotation: all endpoints", localNode: "n1",
+			svc:  service(threeEndpoints()...),
+			want: map[netip.AddrPort]int{e0: 100, e1: 100, e2: 100},
+		},
+		{
+			name: "local endpoint down: falls over to the others", localNode: "n1",
+			svc:    local(service(threeEndpoints()...)),
+			refuse: []netip.AddrPort{e0},
+			want:   map[netip.AddrPort]int{e1: 150, e2: 150},
+		},
+	}
+	for _, tc := range cases {
+		t.Run(tc.name, func(t *testing.T) {
+			p, d, _ := newProxy(t, proxy.Config{LocalNode: tc.localNode}, tc.svc)
+			for _, a := range tc.refuse {
+				d.Set(a, proxytest.Refuse)
+			}
+			got := map[netip.AddrPort]int{}
+			for i := range 300 {
+				got[dial(t, p, netip.AddrPortFrom(client.Addr(), uint16(30000+i)), httpDst)]++
+			}
+			for a, n := range tc.want {
+				if d := got[a] - n; d < -2 || d > 2 {
+					t.Errorf("flows %v, want %v", got, tc.want)
+					break
+				}
+			}
+			if len(got) != len(tc.want) {
+				t.Errorf("flows went to %v, want only %v", got, tc.want)
+			}
+		})
+	}
+}

@@ -27,6 +27,13 @@
 //
 // An unknown policy falls back to round-robin and is logged once per service per Update.
 //
+// # Locality
+//
+// The annotation discovery.AnnotationTopologyPreference ("edgewire.io/topology-preference") set to
+// "local" makes the policy pick among the endpoints on the agent's own node (Config.LocalNode) while
+// any is eligible; the endpoints on other nodes follow them as candidates, so a failure still falls
+// over to another node.
+//
 // A policy yields an ordered list of candidates: its pick, then the other endpoints in policy
 // order (the following ones in the rotation, or descending hash weight for source-hash).
 //
@@ -106,6 +113,10 @@ type Config struct {
 	// Dialer dials endpoints; nil dials them with plain kernel sockets (net.Dialer), which reaches
 	// local endpoints and those reachable by routing.
 	Dialer EndpointDialer
+	// LocalNode is the name of this agent's node: with the annotation
+	// discovery.AnnotationTopologyPreference "local", endpoints whose NodeName is LocalNode are tried
+	// before the others. Empty: no endpoint counts as local.
+	LocalNode string
 	// AttemptTimeout bounds one dial attempt; zero means DefaultAttemptTimeout.
 	AttemptTimeout time.Duration
 	// EjectBase is the ejection after a first failure, doubling with each consecutive one up to
@@ -122,6 +133,7 @@ type Config struct {
 // close; its methods are safe for concurrent use.
 type Proxy struct {
 	log            *slog.Logger
+	localNode      string
 	dialer         EndpointDialer
 	attemptTimeout time.Duration
 	ejectBase      time.Duration
@@ -142,6 +154,7 @@ type Proxy struct {
 func New(cfg Config) *Proxy {
 	p := &Proxy{
 		log:            cfg.Logger,
+		localNode:      cfg.LocalNode,
 		dialer:         cfg.Dialer,
 		attemptTimeout: cfg.AttemptTimeout,
 		ejectBase:      cfg.EjectBase,

@@ -44,10 +44,13 @@ type svcEntry struct {
 
 // svcPort is one proxied port of a service with its eligible endpoints.
 type svcPort struct {
-	svc             *discovery.Service
-	port            discovery.ServicePort
-	policy          Policy
-	targets         []*target
+	svc     *discovery.Service
+	port    discovery.ServicePort
+	policy  Policy
+	targets []*target
+	// local and remote split targets by node when the service prefers local endpoints and has
+	// some; both nil otherwise.
+	local, remote   []*target
 	rr              *atomic.Uint64 // round-robin counter, carried over Update
 	affinity        *affinity      // nil without session affinity
 	affinityTimeout time.Duration
@@ -164,6 +167,18 @@ func (p *Proxy) buildTableLocked(snap *discovery.Snapshot) *table {
 					backend: b,
 					flows:   flows,
 				})
+			}
+			if p.localNode != "" && svc.Annotations[discovery.AnnotationTopologyPreference] == "local" {
+				for _, tg := range sp.targets {
+					if tg.ep.NodeName == p.localNode {
+						sp.local = append(sp.local, tg)
+					} else {
+						sp.remote = append(sp.remote, tg)
+					}
+				}
+				if len(sp.local) == 0 {
+					sp.local, sp.remote = nil, nil
+				}
 			}
 			t.byDst[key] = sp
 			e.ports = append(e.ports, sp)
