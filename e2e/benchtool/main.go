@@ -46,7 +46,7 @@ func main() {
 
 func usage() {
 	fmt.Fprint(os.Stderr, `usage:
-  benchtool echo --listen ADDR                     TCP echo server
+  benchtool echo --listen ADDR                     TCP echo server (logs "listening on ADDR" when ready)
   benchtool rr --target ADDR [--duration D] [--size N]
                                                    request/response over one connection
   benchtool connrate --target ADDR [--duration D]  connect, one request, close, repeated
@@ -61,6 +61,8 @@ func runEcho(ctx context.Context, args []string) error {
 	if err != nil {
 		return err
 	}
+	// The harness waits for this line before it measures.
+	fmt.Fprintf(os.Stderr, "benchtool echo: listening on %s\n", ln.Addr())
 	go func() {
 		<-ctx.Done()
 		ln.Close()
