@@ -212,3 +212,11 @@ func (b *backend) WireGuard() (control.WireGuard, error) {
 	}
 	return wg, nil
 }
+
+func (b *backend) Ping(ctx context.Context, node string, count int, untilDirect bool, each func(control.PingResult)) error {
+	m := (*Agent)(b).meshP.Load()
+	if m == nil {
+		return errors.New("wireguard is not up yet")
+	}
+	return m.ping(ctx, node, count, untilDirect, each)
+}

@@ -19,6 +19,7 @@ import (
 	wgtun "golang.zx2c4.com/wireguard/tun"
 
 	"github.com/edgewire/edgewire/discovery"
+	"github.com/edgewire/edgewire/overlay/control"
 	"github.com/edgewire/edgewire/overlay/forward"
 	"github.com/edgewire/edgewire/overlay/identity"
 	"github.com/edgewire/edgewire/overlay/path"
@@ -361,4 +362,12 @@ func (m *mesh) info() (DeviceInfo, error) {
 		}
 	}
 	return di, nil
+}
+
+// ping probes node through the path layer.
+func (m *mesh) ping(ctx context.Context, node string, count int, untilDirect bool, each func(control.PingResult)) error {
+	if _, ok := m.dir.Load().byName[node]; !ok {
+		return fmt.Errorf("unknown node %q: not a peer of this node (see meshctl wg show)", node)
+	}
+	return errors.New("ping: the path layer is not running")
 }

@@ -35,7 +35,7 @@ The other verbs ask the running agent over its control socket (--control-socket,
 		SilenceUsage:  true,
 		SilenceErrors: true,
 	}
-	root.AddCommand(newUpCmd(), newStatusCmd(), newServicesCmd(), newResolveCmd(), newDownCmd(), newKeygenCmd(), newWGCmd(), newVersionCmd())
+	root.AddCommand(newUpCmd(), newStatusCmd(), newServicesCmd(), newResolveCmd(), newDownCmd(), newKeygenCmd(), newWGCmd(), newPingCmd(), newVersionCmd())
 	return root
 }
 

@@ -10,6 +10,7 @@ import (
 	"net/http"
 	"net/url"
 	"os"
+	"strconv"
 	"syscall"
 	"time"
 )
@@ -61,6 +62,40 @@ func (c *Client) WireGuard(ctx context.Context) (WireGuard, error) {
 	return wg, err
 }
 
+// Ping asks the agent to probe node and calls each with every result as it arrives. The last
+// result of a failed run carries the error.
+func (c *Client) Ping(ctx context.Context, node string, count int, untilDirect bool, each func(PingResult)) error {
+	q := url.Values{"node": {node}, "count": {strconv.Itoa(count)}, "until-direct": {strconv.FormatBool(untilDirect)}}
+	req, err := http.NewRequestWithContext(ctx, http.MethodPost, "http://agent/v1/ping?"+q.Encode(), nil)
+	if err != nil {
+		return err
+	}
+	hc := *c.hc
+	hc.Timeout = 0 // a ping runs as long as the caller's context allows
+	resp, err := hc.Do(req)
+	if err != nil {
+		return c.wrapErr(err)
+	}
+	defer resp.Body.Close()
+	if resp.StatusCode/100 != 2 {
+		return decodeError(resp)
+	}
+	dec := json.NewDecoder(resp.Body)
+	for {
+		var res PingResult
+		if err := dec.Decode(&res); err != nil {
+			if errors.Is(err, io.EOF) {
+				return nil
+			}
+			return fmt.Errorf("control socket %s: read ping results: %w", c.path, err)
+		}
+		if res.Seq == 0 && res.Error != "" {
+			return fmt.Errorf("agent: %s", res.Error)
+		}
+		each(res)
+	}
+}
+
 // Down asks the agent to shut down.
 func (c *Client) Down(ctx context.Context) error {
 	return c.do(ctx, http.MethodPost, "/v1/down", nil)
@@ -73,27 +108,15 @@ func (c *Client) do(ctx context.Context, method, path string, out any) error {
 	}
 	resp, err := c.hc.Do(req)
 	if err != nil {
-		if errors.Is(err, os.ErrNotExist) || errors.Is(err, syscall.ECONNREFUSED) {
-			return fmt.Errorf("no agent answers on %s (is `meshctl up` running? pass --control-socket if it uses another socket): %w", c.path, err)
-		}
-		if errors.Is(err, os.ErrPermission) {
-			return fmt.Errorf("control socket %s: permission denied (run as root): %w", c.path, err)
-		}
-		return fmt.Errorf("control socket %s: %w", c.path, err)
+		return c.wrapErr(err)
 	}
 	defer resp.Body.Close()
+	if resp.StatusCode/100 != 2 {
+		return decodeError(resp)
+	}
 	body, err := io.ReadAll(io.LimitReader(resp.Body, 64<<20))
 	if err != nil {
 		return fmt.Errorf("control socket %s: read %s: %w", c.path, path, err)
-	}
-	if resp.StatusCode/100 != 2 {
-		var e struct {
-			Error string `json:"error"`
-		}
-		if json.Unmarshal(body, &e) == nil && e.Error != "" {
-			return fmt.Errorf("agent: %s", e.Error)
-		}
-		return fmt.Errorf("agent: %s %s: %s", method, path, resp.Status)
 	}
 	if out == nil {
 		return nil
@@ -102,4 +125,25 @@ func (c *Client) do(ctx context.Context, method, path string, out any) error {
 		return fmt.Errorf("control socket %s: decode %s: %w", c.path, path, err)
 	}
 	return nil
+}
+
+func (c *Client) wrapErr(err error) error {
+	if errors.Is(err, os.ErrNotExist) || errors.Is(err, syscall.ECONNREFUSED) {
+		return fmt.Errorf("no agent answers on %s (is `meshctl up` running? pass --control-socket if it uses another socket): %w", c.path, err)
+	}
+	if errors.Is(err, os.ErrPermission) {
+		return fmt.Errorf("control socket %s: permission denied (run as root): %w", c.path, err)
+	}
+	return fmt.Errorf("control socket %s: %w", c.path, err)
+}
+
+func decodeError(resp *http.Response) error {
+	body, _ := io.ReadAll(io.LimitReader(resp.Body, 1<<20))
+	var e struct {
+		Error string `json:"error"`
+	}
+	if json.Unmarshal(body, &e) == nil && e.Error != "" {
+		return fmt.Errorf("agent: %s", e.Error)
+	}
+	return fmt.Errorf("agent: %s %s: %s", resp.Request.Method, resp.Request.URL.Path, resp.Status)
 }

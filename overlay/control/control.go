@@ -9,6 +9,8 @@
 //	GET  /v1/services                   → []Service
 //	GET  /v1/resolve?name=N&type=T      → Resolution
 //	GET  /v1/wireguard                  → WireGuard
+//	POST /v1/ping?node=N&count=C&until-direct=B
+//	                                    → PingResult per probe, one JSON object a line, as they come
 //	POST /v1/down                       → {} and the agent shuts down
 //
 // Errors are answered with a non-2xx status and {"error": "..."}.
@@ -64,6 +66,20 @@ type WGPeer struct {
 	RxBytes             uint64    `json:"rxBytes"`
 	TxBytes             uint64    `json:"txBytes"`
 	PersistentKeepalive int       `json:"persistentKeepalive,omitempty"`
+	// Path is how the agent reaches the peer now: lan, direct, relay or none.
+	Path     string  `json:"path,omitempty"`
+	PathAddr string  `json:"pathAddr,omitempty"`
+	RTTMs    float64 `json:"rttMs,omitempty"`
+}
+
+// PingResult is one probe of `meshctl ping`.
+type PingResult struct {
+	Seq   int     `json:"seq"`
+	Node  string  `json:"node"`
+	Path  string  `json:"path,omitempty"`
+	Addr  string  `json:"addr,omitempty"`
+	RTTMs float64 `json:"rttMs,omitempty"`
+	Error string  `json:"error,omitempty"`
 }
 
 // FlowStats counts flows through the service proxy.
@@ -135,6 +151,9 @@ type Backend interface {
 	Services() []Service
 	Resolve(ctx context.Context, name, qtype string) (Resolution, error)
 	WireGuard() (WireGuard, error)
+	// Ping probes node count times (or, with untilDirect, until a probe is answered over a LAN or
+	// direct path) and calls each for every probe as it completes.
+	Ping(ctx context.Context, node string, count int, untilDirect bool, each func(PingResult)) error
 	// Down asks the agent to shut down; it returns at once.
 	Down()
 }

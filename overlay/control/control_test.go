@@ -29,6 +29,15 @@ func (f *fakeBackend) Resolve(_ context.Context, name, qtype string) (Resolution
 	return Resolution{Name: name, Type: qtype, Rcode: "NOERROR", Answer: []string{name + " 5 IN A 9.251.0.10"}}, nil
 }
 func (f *fakeBackend) Down() { close(f.down) }
+func (f *fakeBackend) Ping(ctx context.Context, node string, count int, untilDirect bool, each func(PingResult)) error {
+	if node == "nobody" {
+		return errors.New("unknown node nobody")
+	}
+	for i := 1; i <= count; i++ {
+		each(PingResult{Seq: i, Node: node, Path: "direct", Addr: "198.51.100.2:51820", RTTMs: 0.5})
+	}
+	return nil
+}
 func (f *fakeBackend) WireGuard() (WireGuard, error) {
 	return WireGuard{Interface: "mesh0", Peers: []WGPeer{{Node: "edge-2", PublicKey: "k"}}}, nil
 }
@@ -91,6 +100,19 @@ func TestRoundTrip(t *testing.T) {
 			wg, err := c.WireGuard(ctx)
 			if err != nil || wg.Interface != "mesh0" || len(wg.Peers) != 1 || wg.Peers[0].Node != "edge-2" {
 				t.Fatalf("WireGuard = %+v, %v", wg, err)
+			}
+		}},
+		{"ping streams every probe", func(t *testing.T) {
+			var got []PingResult
+			err := c.Ping(ctx, "edge-2", 3, false, func(r PingResult) { got = append(got, r) })
+			if err != nil || len(got) != 3 || got[2].Seq != 3 || got[0].Path != "direct" {
+				t.Fatalf("Ping = %+v, %v", got, err)
+			}
+		}},
+		{"ping error", func(t *testing.T) {
+			err := c.Ping(ctx, "nobody", 1, false, func(PingResult) {})
+			if err == nil || !strings.Contains(err.Error(), "unknown node") {
+				t.Fatalf("Ping error = %v", err)
 			}
 		}},
 		{"down", func(t *testing.T) {

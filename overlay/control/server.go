@@ -10,6 +10,7 @@ import (
 	"net/http"
 	"os"
 	"path/filepath"
+	"strconv"
 	"sync"
 	"time"
 )
@@ -131,6 +132,34 @@ func (s *Server) handler() http.Handler {
 			return
 		}
 		writeJSON(w, http.StatusOK, wg)
+	})
+	mux.HandleFunc("POST /v1/ping", func(w http.ResponseWriter, r *http.Request) {
+		q := r.URL.Query()
+		node := q.Get("node")
+		count, err := strconv.Atoi(q.Get("count"))
+		if node == "" || err != nil || count < 0 {
+			writeError(w, http.StatusBadRequest, errors.New("ping wants node and a count >= 0"))
+			return
+		}
+		untilDirect := q.Get("until-direct") == "true"
+		w.Header().Set("Content-Type", "application/x-ndjson")
+		flusher, _ := w.(http.Flusher)
+		enc := json.NewEncoder(w)
+		started := false
+		err = s.backend.Ping(r.Context(), node, count, untilDirect, func(res PingResult) {
+			started = true
+			_ = enc.Encode(res)
+			if flusher != nil {
+				flusher.Flush()
+			}
+		})
+		if err != nil {
+			if !started {
+				writeError(w, http.StatusBadRequest, err)
+				return
+			}
+			_ = enc.Encode(PingResult{Node: node, Error: err.Error()})
+		}
 	})
 	mux.HandleFunc("POST /v1/down", func(w http.ResponseWriter, r *http.Request) {
 		writeJSON(w, http.StatusOK, struct{}{})

@@ -1,0 +1,260 @@
+//go:build bench
+
+package e2e
+
+import (
+	"encoding/json"
+	"fmt"
+	"io"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"runtime"
+	"strings"
+	"text/tabwriter"
+	"time"
+)
+
+// This file holds the non-test helpers of the benchmark suite (`make bench`, build tag bench): the
+// report model, its table and JSON, the iperf3 and benchtool runners and the reference binaries.
+
+// Measurement is one number of a benchmark run, with what it is compared against.
+type Measurement struct {
+	// Name is dotted, topology first: "single.tcp-1stream.service".
+	Name  string  `json:"name"`
+	Value float64 `json:"value"`
+	Unit  string  `json:"unit"`
+	// Ratios compare Value with reference measurements of the same run: Value / reference Value.
+	Ratios []Ratio `json:"ratios,omitempty"`
+	// Raw holds the tool's numbers the Value was taken from (iperf3 summary, benchtool result).
+	Raw any `json:"raw,omitempty"`
+}
+
+// Ratio is Value / Of's value.
+type Ratio struct {
+	Of    string  `json:"of"`
+	Value float64 `json:"value"`
+}
+
+// Report is one run of the suite: what `make bench` prints as a table and writes as JSON.
+type Report struct {
+	Started      time.Time      `json:"started"`
+	Seconds      float64        `json:"seconds"`
+	Machine      MachineInfo    `json:"machine"`
+	Measurements []*Measurement `json:"measurements"`
+	// Failures lists the measurements that could not be taken, with why.
+	Failures []string `json:"failures,omitempty"`
+
+	byName map[string]*Measurement
+}
+
+// MachineInfo says where the numbers were measured.
+type MachineInfo struct {
+	NProc     int    `json:"nproc"`
+	CPU       string `json:"cpu"`
+	Kernel    string `json:"kernel"`
+	GoVersion string `json:"goVersion"`
+	Iperf3    string `json:"iperf3"`
+	Commit    string `json:"commit"`
+	Date      string `json:"date"`
+}
+
+// NewReport starts a report at now and reads the machine's description.
+func NewReport() *Report {
+	now := time.Now().UTC()
+	return &Report{Started: now, Machine: machineInfo(now), byName: map[string]*Measurement{}}
+}
+
+// Add records m and computes its ratios against refs, which must have been added before (missing
+// ones, whose measurement failed, are skipped).
+func (r *Report) Add(m *Measurement, refs ...string) {
+	for _, ref := range refs {
+		if o, ok := r.byName[ref]; ok && o.Value != 0 {
+			m.Ratios = append(m.Ratios, Ratio{Of: ref, Value: m.Value / o.Value})
+		}
+	}
+	r.Measurements = append(r.Measurements, m)
+	r.byName[m.Name] = m
+}
+
+// Fail records that a measurement could not be taken.
+func (r *Report) Fail(name string, err error) {
+	r.Failures = append(r.Failures, fmt.Sprintf("%s: %v", name, err))
+}
+
+// WriteTable prints the measurements as an aligned table.
+func (r *Report) WriteTable(w io.Writer) {
+	fmt.Fprintf(w, "\nedgewire benchmarks, %s, %d CPUs (%s), kernel %s, %s, commit %s\n",
+		r.Machine.Date, r.Machine.NProc, r.Machine.CPU, r.Machine.Kernel, r.Machine.GoVersion, r.Machine.Commit)
+	fmt.Fprintln(w, "ratio = value / value of the reference named (same run, same machine)")
+	tw := tabwriter.NewWriter(w, 0, 0, 2, ' ', 0)
+	fmt.Fprintln(tw, "NAME\tVALUE\tUNIT\tRATIO VS REFERENCE")
+	for _, m := range r.Measurements {
+		var ratios []string
+		for _, rt := range m.Ratios {
+			ratios = append(ratios, fmt.Sprintf("%.2f× %s", rt.Value, rt.Of))
+		}
+		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\n", m.Name, formatValue(m.Value), m.Unit, strings.Join(ratios, ", "))
+	}
+	tw.Flush()
+	for _, f := range r.Failures {
+		fmt.Fprintf(w, "FAILED: %s\n", f)
+	}
+}
+
+func formatValue(v float64) string {
+	switch {
+	case v >= 100:
+		return fmt.Sprintf("%.0f", v)
+	case v >= 10:
+		return fmt.Sprintf("%.1f", v)
+	default:
+		return fmt.Sprintf("%.2f", v)
+	}
+}
+
+// WriteFiles writes the report as dir/<UTC start time>.json and dir/latest.json and returns the
+// first path.
+func (r *Report) WriteFiles(dir string) (string, error) {
+	b, err := json.MarshalIndent(r, "", "  ")
+	if err != nil {
+		return "", fmt.Errorf("encode report: %w", err)
+	}
+	b = append(b, '\n')
+	if err := os.MkdirAll(dir, 0o755); err != nil {
+		return "", fmt.Errorf("results directory: %w", err)
+	}
+	path := filepath.Join(dir, r.Started.Format("20060102T150405Z")+".json")
+	for _, p := range []string{path, filepath.Join(dir, "latest.json")} {
+		// Through a temporary file (ignored by git) so that a reader never sees half a report.
+		tmp := p + ".tmp"
+		if err := os.WriteFile(tmp, b, 0o644); err != nil {
+			return "", fmt.Errorf("write %s: %w", tmp, err)
+		}
+		if err := os.Rename(tmp, p); err != nil {
+			os.Remove(tmp)
+			return "", fmt.Errorf("write %s: %w", p, err)
+		}
+	}
+	return path, nil
+}
+
+func machineInfo(now time.Time) MachineInfo {
+	mi := MachineInfo{
+		NProc:     runtime.NumCPU(),
+		GoVersion: runtime.Version() + " " + runtime.GOOS + "/" + runtime.GOARCH,
+		Date:      now.Format(time.RFC3339),
+	}
+	if b, err := os.ReadFile("/proc/sys/kernel/osrelease"); err == nil {
+		mi.Kernel = strings.TrimSpace(string(b))
+	}
+	if b, err := os.ReadFile("/proc/cpuinfo"); err == nil {
+		for line := range strings.Lines(string(b)) {
+			if k, v, ok := strings.Cut(line, ":"); ok && strings.TrimSpace(k) == "model name" {
+				mi.CPU = strings.TrimSpace(v)
+				break
+			}
+		}
+	}
+	if out, err := exec.Command("iperf3", "--version").Output(); err == nil {
+		mi.Iperf3 = strings.TrimSpace(strings.SplitN(string(out), "\n", 2)[0])
+	}
+	if out, err := exec.Command("git", "describe", "--always", "--dirty").Output(); err == nil {
+		mi.Commit = strings.TrimSpace(string(out))
+	}
+	return mi
+}
+
+// BenchBinaries are the programs the benchmarks run besides meshctl.
+type BenchBinaries struct {
+	// Benchtool is e2e/benchtool: echo server, request/response and connection-rate clients.
+	Benchtool string
+	// WireGuardGo is the reference wireguard-go, built from the module version go.mod requires, the
+	// one the agent links.
+	WireGuardGo string
+}
+
+// BuildBenchBinaries builds benchtool and wireguard-go into dir.
+func BuildBenchBinaries(dir string) (BenchBinaries, error) {
+	b := BenchBinaries{
+		Benchtool:   filepath.Join(dir, "benchtool"),
+		WireGuardGo: filepath.Join(dir, "wireguard-go"),
+	}
+	if err := goBuild(b.Benchtool, "github.com/edgewire/edgewire/e2e/benchtool"); err != nil {
+		return b, err
+	}
+	if err := goBuild(b.WireGuardGo, "golang.zx2c4.com/wireguard"); err != nil {
+		return b, err
+	}
+	return b, nil
+}
+
+// IperfSummary is the end of an iperf3 -J report: the raw numbers a TCP measurement keeps.
+type IperfSummary struct {
+	Streams int `json:"streams"`
+	// SentBps and ReceivedBps are bits per second over the whole test, as the client and the
+	// server counted them; ReceivedBps is the measurement.
+	SentBps     float64 `json:"sentBps"`
+	ReceivedBps float64 `json:"receivedBps"`
+	Retransmits int     `json:"retransmits"`
+	Seconds     float64 `json:"seconds"`
+	// CPU use of the iperf3 client (host) and server (remote), percent of one CPU summed over
+	// user and system.
+	HostCPU   float64 `json:"hostCPU"`
+	RemoteCPU float64 `json:"remoteCPU"`
+}
+
+// parseIperf reads the summary out of iperf3 -J output.
+func parseIperf(out []byte) (IperfSummary, error) {
+	var r struct {
+		Error string `json:"error"`
+		Start struct {
+			Connected []json.RawMessage `json:"connected"`
+		} `json:"start"`
+		End struct {
+			SumSent struct {
+				Seconds     float64 `json:"seconds"`
+				Bps         float64 `json:"bits_per_second"`
+				Retransmits int     `json:"retransmits"`
+			} `json:"sum_sent"`
+			SumReceived struct {
+				Bps float64 `json:"bits_per_second"`
+			} `json:"sum_received"`
+			CPU struct {
+				Host   float64 `json:"host_total"`
+				Remote float64 `json:"remote_total"`
+			} `json:"cpu_utilization_percent"`
+		} `json:"end"`
+	}
+	if err := json.Unmarshal(out, &r); err != nil {
+		return IperfSummary{}, fmt.Errorf("iperf3 -J output: %w", err)
+	}
+	if r.Error != "" {
+		return IperfSummary{}, fmt.Errorf("iperf3: %s", r.Error)
+	}
+	s := IperfSummary{
+		Streams:     len(r.Start.Connected),
+		SentBps:     r.End.SumSent.Bps,
+		ReceivedBps: r.End.SumReceived.Bps,
+		Retransmits: r.End.SumSent.Retransmits,
+		Seconds:     r.End.SumSent.Seconds,
+		HostCPU:     r.End.CPU.Host,
+		RemoteCPU:   r.End.CPU.Remote,
+	}
+	if s.ReceivedBps <= 0 {
+		return s, fmt.Errorf("iperf3: nothing received")
+	}
+	return s, nil
+}
+
+// BenchtoolResult is what benchtool rr and connrate print (see e2e/benchtool).
+type BenchtoolResult struct {
+	Mode     string  `json:"mode"`
+	Target   string  `json:"target"`
+	Count    int     `json:"count"`
+	Errors   int     `json:"errors"`
+	Seconds  float64 `json:"seconds"`
+	PerSec   float64 `json:"perSec"`
+	P50Micro float64 `json:"p50us"`
+	P99Micro float64 `json:"p99us"`
+}
