@@ -70,6 +70,12 @@ type Config struct {
 	// address (default forward.DefaultPort).
 	ForwardPort uint16
 
+	// Relays are the mesh-relay servers to register with ("host:port" or a multiaddr with
+	// /p2p/<peer ID>); none: peers come from the catalog alone and no NAT traversal happens.
+	Relays []string
+	// JoinToken admits the node to the relays. Never logged.
+	JoinToken string
+
 	// Upstreams are the resolvers ("ip:port") for names outside the cluster domain; none: SERVFAIL.
 	Upstreams []string
 

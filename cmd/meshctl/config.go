@@ -31,6 +31,9 @@ type upOptions struct {
 	OverlayPrefix  string        `yaml:"overlayPrefix"`
 	WGInterface    string        `yaml:"wgInterface"`
 	ForwardPort    int           `yaml:"forwardPort"`
+	Relays         []string      `yaml:"relays"`
+	JoinToken      string        `yaml:"joinToken"`
+	JoinTokenFile  string        `yaml:"joinTokenFile"`
 	MTU            int           `yaml:"mtu"`
 	UDPIdleTimeout time.Duration `yaml:"udpIdleTimeout"`
 	ConnectTimeout time.Duration `yaml:"connectTimeout"`
@@ -44,7 +47,8 @@ var flagNames = map[string]string{
 	"serviceCIDR": "service-cidr", "dnsIP": "dns-ip", "clusterDomain": "cluster-domain",
 	"controlSocket": "control-socket", "resolvConf": "resolv-conf", "upstreams": "upstream",
 	"tunName": "tun-name", "listenPort": "listen-port", "overlayPrefix": "overlay-prefix",
-	"wgInterface": "wg-interface", "forwardPort": "forward-port", "mtu": "mtu", "udpIdleTimeout": "udp-idle-timeout",
+	"wgInterface": "wg-interface", "forwardPort": "forward-port", "mtu": "mtu",
+	"relays": "relay", "joinToken": "join-token", "joinTokenFile": "join-token-file", "udpIdleTimeout": "udp-idle-timeout",
 	"connectTimeout": "connect-timeout", "logLevel": "log-level", "logFormat": "log-format",
 }
 
@@ -64,6 +68,9 @@ func (o *upOptions) addFlags(fs *pflag.FlagSet) {
 	fs.IntVar(&o.ListenPort, "listen-port", 51820, "UDP port of the node's WireGuard socket")
 	fs.StringVar(&o.OverlayPrefix, "overlay-prefix", "fd65:7765:7769::/48", "overlay range (IPv6 ULA); node addresses are derived from WireGuard public keys")
 	fs.StringVar(&o.WGInterface, "wg-interface", "", "name of the WireGuard UAPI socket /var/run/wireguard/NAME.sock for `wg show` (default: --tun-name)")
+	fs.StringArrayVar(&o.Relays, "relay", nil, "mesh-relay to register with, host:port or a libp2p multiaddr with /p2p/ID (repeatable)")
+	fs.StringVar(&o.JoinToken, "join-token", "", "token that admits this node to the mesh (prefer --join-token-file: flags show in ps)")
+	fs.StringVar(&o.JoinTokenFile, "join-token-file", "", "file holding the join token")
 	fs.IntVar(&o.ForwardPort, "forward-port", 51821, "TCP and UDP port of the agent-to-agent forward listener on the overlay address")
 	fs.DurationVar(&o.UDPIdleTimeout, "udp-idle-timeout", 60*time.Second, "close a UDP flow idle this long")
 	fs.DurationVar(&o.ConnectTimeout, "connect-timeout", 5*time.Second, "deadline to connect to an endpoint, retries included")
@@ -122,6 +129,12 @@ func (o *upOptions) loadConfigFile(path string, fs *pflag.FlagSet) error {
 			o.WGInterface = fromFile.WGInterface
 		case "forwardPort":
 			o.ForwardPort = fromFile.ForwardPort
+		case "relays":
+			o.Relays = fromFile.Relays
+		case "joinToken":
+			o.JoinToken = fromFile.JoinToken
+		case "joinTokenFile":
+			o.JoinTokenFile = fromFile.JoinTokenFile
 		case "mtu":
 			o.MTU = fromFile.MTU
 		case "udpIdleTimeout":
@@ -139,6 +152,7 @@ func (o *upOptions) loadConfigFile(path string, fs *pflag.FlagSet) error {
 
 // parsed is upOptions checked and converted to typed values.
 type parsed struct {
+	joinToken   string
 	overlay     netip.Prefix
 	serviceCIDR netip.Prefix
 	dnsIP       netip.Addr
@@ -184,6 +198,20 @@ func (o *upOptions) parse() (parsed, error) {
 	if o.ConnectTimeout <= 0 {
 		return p, fmt.Errorf("--connect-timeout %s: must be positive", o.ConnectTimeout)
 	}
+	if o.JoinToken != "" && o.JoinTokenFile != "" {
+		return p, errors.New("--join-token and --join-token-file are both set: use one")
+	}
+	p.joinToken = o.JoinToken
+	if o.JoinTokenFile != "" {
+		tok, err := readTokenFile(o.JoinTokenFile)
+		if err != nil {
+			return p, err
+		}
+		p.joinToken = tok
+	}
+	if len(o.Relays) > 0 && p.joinToken == "" {
+		return p, errors.New("--relay needs a join token: set --join-token-file (or --join-token)")
+	}
 	for _, u := range o.Upstreams {
 		ap, err := parseUpstream(u)
 		if err != nil {
@@ -219,4 +247,17 @@ func newLogger(level, format string) (*slog.Logger, error) {
 	default:
 		return nil, fmt.Errorf("--log-format %q: want text or json", format)
 	}
+}
+
+// readTokenFile reads a join token: the file's content without surrounding white space.
+func readTokenFile(path string) (string, error) {
+	data, err := os.ReadFile(path)
+	if err != nil {
+		return "", fmt.Errorf("--join-token-file: %w", err)
+	}
+	tok := strings.TrimSpace(string(data))
+	if tok == "" {
+		return "", fmt.Errorf("--join-token-file %s: file is empty", path)
+	}
+	return tok, nil
 }

@@ -38,9 +38,15 @@ the document and field at fault, and the last good catalog stays in force.
 
 Every flag can also be set in a YAML file given with --config, using the camelCase field
 names (nodeName, servicesFile, stateDir, serviceCIDR, dnsIP, clusterDomain, controlSocket,
-resolvConf, upstreams, tunName, mtu, listenPort, overlayPrefix, wgInterface, forwardPort,
+resolvConf, upstreams, tunName, mtu, listenPort, overlayPrefix, wgInterface, forwardPort, relays, joinToken, joinTokenFile,
 udpIdleTimeout, connectTimeout, logLevel, logFormat).
 Flags given on the command line win over the file.
+
+Between nodes the agent runs WireGuard (wireguard-go) on the overlay range (--overlay-prefix),
+with its keys in --state-dir. Peers come from Node objects in the catalog and from the
+directories of the mesh-relay servers given with --relay (repeatable; the node proves the join
+token of --join-token-file to each). Each peer is reached over the best path that answers
+probes: one of its LAN addresses, a hole-punched direct path, or the relay.
 
 up needs root (or CAP_NET_ADMIN) for the TUN device and its routes.`,
 		Example: `  meshctl up --node-name edge-1 --services-file /etc/edgewire/services.yaml
@@ -89,6 +95,8 @@ func runUp(ctx context.Context, o *upOptions) error {
 		OverlayPrefix:  p.overlay,
 		WGInterface:    o.WGInterface,
 		ForwardPort:    uint16(o.ForwardPort),
+		Relays:         o.Relays,
+		JoinToken:      p.joinToken,
 		MTU:            o.MTU,
 		UDPIdleTimeout: o.UDPIdleTimeout,
 		ConnectTimeout: o.ConnectTimeout,
