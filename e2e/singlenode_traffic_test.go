@@ -42,7 +42,7 @@ func (s *singleNode) testHTTP(t *testing.T) {
 		// Linux does, RFC 1122 4.2.2.13). A narrow port range in the client namespace, outside the
 		// default one so that other subtests never meet these TIME_WAIT entries, brings every port
 		// back within a second or two.
-		const n, chunk = 4000, 1000
+		const n, chunk = 4000, 250
 		old := strings.Join(strings.Fields(s.client.MustExec(t, "sysctl", "-n", "net.ipv4.ip_local_port_range")), " ")
 		s.client.MustExec(t, "sysctl", "-qw", "net.ipv4.ip_local_port_range=61000 64999")
 		defer s.client.MustExec(t, "sysctl", "-qw", "net.ipv4.ip_local_port_range="+old)

@@ -218,11 +218,19 @@ func New(cfg Config) (*Stack, error) {
 	return s, nil
 }
 
+// timeWaitTimeout is how long the stack keeps a closed connection in TIME_WAIT.
+const timeWaitTimeout = 10 * time.Millisecond
+
 func (s *Stack) setup() error {
 	sack := tcpip.TCPSACKEnabled(true)
 	moderate := tcpip.TCPModerateReceiveBufferOption(true)
 	rcv := tcpip.TCPReceiveBufferSizeRangeOption{Min: tcp.MinBufferSize, Default: tcp.DefaultReceiveBufferSize, Max: tcpBufMax}
 	snd := tcpip.TCPSendBufferSizeRangeOption{Min: tcp.MinBufferSize, Default: tcp.DefaultSendBufferSize, Max: tcpBufMax}
+	// A flow the endpoint closes first leaves the stack's side in TIME_WAIT. gVisor lets a new SYN
+	// reuse a TIME_WAIT connection only when a listener exists, and the forwarder is none: a client
+	// reusing its source port within TIME_WAIT would have its SYN dropped. On a TUN to the local
+	// kernel no stray old segment can arrive late, so TIME_WAIT can be all but skipped.
+	timeWait := tcpip.TCPTimeWaitTimeoutOption(timeWaitTimeout)
 	for _, o := range []struct {
 		name string
 		opt  tcpip.SettableTransportProtocolOption
@@ -231,6 +239,7 @@ func (s *Stack) setup() error {
 		{"receive buffer moderation", &moderate},
 		{"receive buffer range", &rcv},
 		{"send buffer range", &snd},
+		{"TIME_WAIT timeout", &timeWait},
 	} {
 		if err := s.ipstk.SetTransportProtocolOption(tcp.ProtocolNumber, o.opt); err != nil {
 			return fmt.Errorf("netstack: set TCP %s: %v", o.name, err)
