@@ -4,6 +4,7 @@ import (
 	"encoding/json"
 	"fmt"
 	"path/filepath"
+	"slices"
 	"testing"
 	"time"
 )
@@ -61,6 +62,11 @@ func StartAgent(t testing.TB, n *Node, o AgentOptions) *Agent {
 	}
 	if o.ResolvConf != "" {
 		args = append(args, "--resolv-conf", o.ResolvConf)
+	}
+	// The WireGuard UAPI socket lives in the host's /var/run/wireguard, shared by every namespace: give
+	// each agent its own, unless the test names one.
+	if !slices.Contains(o.Extra, "--wg-interface") {
+		args = append(args, "--wg-interface", "ew"+n.lab.ID+"-"+n.Role)
 	}
 	args = append(args, o.Extra...)
 	a.Proc = n.Start(t, "agent", args...)
