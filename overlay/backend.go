@@ -65,6 +65,10 @@ func (b *backend) Status() control.Status {
 		if wg, err := b.WireGuard(); err == nil {
 			st.PublicKey, st.Overlay, st.ListenPort, st.Peers = wg.PublicKey, wg.Overlay, wg.ListenPort, wg.Peers
 		}
+		st.Relays = m.relayStatus()
+		if r := m.paths.Reflexive(); r.IsValid() {
+			st.Reflexive = r.String()
+		}
 	}
 	ds := a.dns.Stats()
 	st.DNS = control.DNSStats{
@@ -200,10 +204,15 @@ func (b *backend) WireGuard() (control.WireGuard, error) {
 		Interface: di.Interface, PublicKey: di.PublicKey, ListenPort: di.ListenPort, Overlay: di.Overlay,
 		Peers: make([]control.WGPeer, 0, len(di.Peers)),
 	}
+	paths := m.pathsByKey()
 	for _, p := range di.Peers {
 		cp := control.WGPeer{
 			Node: p.Node, PublicKey: p.PublicKey, Endpoint: p.Endpoint, AllowedIPs: p.AllowedIPs,
 			RxBytes: p.RxBytes, TxBytes: p.TxBytes, PersistentKeepalive: p.Keepalive,
+		}
+		if pp, ok := paths[p.PublicKey]; ok {
+			cp.Path, cp.PathAddr = string(pp.Kind), pp.Addr
+			cp.RTTMs = float64(pp.RTT.Microseconds()) / 1000
 		}
 		if p.LastHandshake > 0 {
 			cp.LatestHandshake = time.Unix(p.LastHandshake, 0)

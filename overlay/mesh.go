@@ -19,10 +19,10 @@ import (
 	wgtun "golang.zx2c4.com/wireguard/tun"
 
 	"github.com/edgewire/edgewire/discovery"
-	"github.com/edgewire/edgewire/overlay/control"
 	"github.com/edgewire/edgewire/overlay/forward"
 	"github.com/edgewire/edgewire/overlay/identity"
 	"github.com/edgewire/edgewire/overlay/path"
+	"github.com/edgewire/edgewire/relay"
 )
 
 // PersistentKeepalive keeps NAT and conntrack state of idle peers alive, in seconds.
@@ -30,10 +30,20 @@ const PersistentKeepalive = 25
 
 // peer is a node of the directory this agent keeps a WireGuard peer for.
 type peer struct {
-	name     string
-	key      identity.Key
-	overlay  netip.Addr
-	endpoint netip.AddrPort // first of the node's endpoints (LAN first); invalid when it has none
+	name      string
+	key       identity.Key
+	overlay   netip.Addr
+	lan       []netip.AddrPort // the node's WireGuard socket addresses, LAN first
+	reflexive netip.AddrPort   // as a relay saw it; zero: unknown
+	relays    []path.RelayRoute
+}
+
+// firstGuess is the endpoint to try before any path answered: a LAN address, else the reflexive one.
+func (p *peer) firstGuess() netip.AddrPort {
+	if len(p.lan) > 0 {
+		return p.lan[0]
+	}
+	return p.reflexive
 }
 
 // directory is the node directory derived from one snapshot: immutable once built.
@@ -67,11 +77,7 @@ func buildDirectory(s *discovery.Snapshot, self string, prefix netip.Prefix, log
 			logger.Warn("node ignored: overlay address", "node", n.Name, "err", err)
 			continue
 		}
-		p := &peer{name: n.Name, key: key, overlay: addr}
-		if len(n.Endpoints) > 0 {
-			p.endpoint = n.Endpoints[0]
-		}
-		d.byName[n.Name] = p
+		d.byName[n.Name] = &peer{name: n.Name, key: key, overlay: addr, lan: n.Endpoints}
 	}
 	for _, svc := range s.Services {
 		for i := range svc.Endpoints {
@@ -103,6 +109,7 @@ type mesh struct {
 	overlay  netip.Addr
 	prefix   netip.Prefix
 	wgName   string
+	tunName  string
 	fwdPort  uint16
 	listenPt uint16
 
@@ -110,13 +117,20 @@ type mesh struct {
 	dialer forward.Dialer
 
 	bind     *path.Bind
+	paths    *path.Manager
+	relays   *relay.Client // nil without --relay
 	dev      *device.Device
 	uapi     net.Listener
 	listener *forward.Listener
 	wg       sync.WaitGroup
 
-	mu    sync.Mutex // guards peers
-	peers map[identity.Key]*peer
+	relayAddrs []string
+	joinToken  string
+
+	mu        sync.Mutex // guards all following fields
+	peers     map[identity.Key]*peer
+	snap      *discovery.Snapshot      // the catalog's last snapshot
+	relayDirs map[int][]relay.DirEntry // each relay's last directory
 }
 
 func newMesh(cfg *Config, id *identity.Identity, overlay netip.Addr) *mesh {
@@ -128,10 +142,16 @@ func newMesh(cfg *Config, id *identity.Identity, overlay netip.Addr) *mesh {
 		overlay:  overlay,
 		prefix:   cfg.OverlayPrefix,
 		wgName:   cfg.WGInterface,
+		tunName:  cfg.TUNName,
 		fwdPort:  cfg.ForwardPort,
 		listenPt: cfg.ListenPort,
 		dialer:   forward.Dialer{Port: cfg.ForwardPort},
 		peers:    make(map[identity.Key]*peer),
+
+		relayAddrs: cfg.Relays,
+		joinToken:  cfg.JoinToken,
+		snap:       &discovery.Snapshot{},
+		relayDirs:  make(map[int][]relay.DirEntry),
 	}
 	m.dir.Store(&directory{byName: map[string]*peer{}, local: map[localTarget]struct{}{}})
 	return m
@@ -156,6 +176,9 @@ func deviceLogger(l *slog.Logger) *device.Logger {
 // listener on the overlay address. tunDevice is the kernel interface name for SO_BINDTODEVICE.
 func (m *mesh) start(tunDev wgtun.Device, tunDevice string) error {
 	m.bind = path.NewBind(path.Config{Logger: m.root})
+	if err := m.newPaths(); err != nil {
+		return err
+	}
 	m.dev = device.NewDevice(tunDev, m.bind, deviceLogger(m.logger))
 	conf := fmt.Sprintf("private_key=%s\nlisten_port=%d\n", hex.EncodeToString(m.id.WireGuard[:]), m.listenPt)
 	if err := m.dev.IpcSet(conf); err != nil {
@@ -189,6 +212,14 @@ func (m *mesh) start(tunDev wgtun.Device, tunDevice string) error {
 	if err := m.listener.Start(); err != nil {
 		return fmt.Errorf("forward listener on [%s]:%d: %w", m.overlay, m.fwdPort, err)
 	}
+	if err := m.paths.Start(); err != nil {
+		return fmt.Errorf("path manager: %w", err)
+	}
+	if m.relays != nil {
+		if err := m.relays.Start(); err != nil {
+			return fmt.Errorf("relay client: %w", err)
+		}
+	}
 	m.logger.Info("wireguard up", "public_key", m.id.WireGuardPublic.String(), "overlay", m.overlay,
 		"listen_port", m.bind.Port(), "uapi", "/var/run/wireguard/"+m.wgName+".sock")
 	return nil
@@ -215,6 +246,12 @@ func (m *mesh) serveUAPI() {
 // waits. It is safe on a partly started mesh.
 func (m *mesh) close() error {
 	var errs []error
+	if m.relays != nil {
+		errs = append(errs, m.relays.Close())
+	}
+	if m.paths != nil {
+		errs = append(errs, m.paths.Close())
+	}
 	if m.listener != nil {
 		errs = append(errs, m.listener.Close())
 	}
@@ -234,30 +271,44 @@ func (m *mesh) allow(proto discovery.Protocol, target netip.AddrPort) bool {
 	return ok
 }
 
-// apply installs the directory of snapshot s: peers added, changed and removed without restarting the
-// device.
+// apply takes the catalog's snapshot s.
 func (m *mesh) apply(s *discovery.Snapshot) {
-	dir := buildDirectory(s, m.self, m.prefix, m.logger)
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	m.snap = s
+	m.rebuildLocked()
+}
+
+// rebuildLocked derives the directory from the catalog and the relays' directories and installs it:
+// WireGuard peers added, changed and removed without restarting the device, and the path manager
+// told every peer's candidates. wireguard-go gets no endpoint here: the path manager sets one once a
+// path answers.
+func (m *mesh) rebuildLocked() {
+	dir := buildDirectory(m.snap, m.self, m.prefix, m.logger)
+	m.mergeRelaysLocked(dir)
 	m.dir.Store(dir)
 	if m.dev == nil {
 		return
 	}
-	m.mu.Lock()
-	defer m.mu.Unlock()
 	var b strings.Builder
 	want := make(map[identity.Key]*peer, len(dir.byName))
+	infos := make([]path.PeerInfo, 0, len(dir.byName))
 	for _, p := range dir.byName {
 		want[p.key] = p
-		old, ok := m.peers[p.key]
-		if ok && old.endpoint == p.endpoint && old.overlay == p.overlay {
+		infos = append(infos, path.PeerInfo{Name: p.name, Key: p.key, LAN: p.lan, Reflexive: p.reflexive, Relays: p.relays})
+		if old, ok := m.peers[p.key]; ok && old.overlay == p.overlay {
 			continue
 		}
-		fmt.Fprintf(&b, "public_key=%s\nreplace_allowed_ips=true\nallowed_ip=%s/128\npersistent_keepalive_interval=%d\n",
-			hex.EncodeToString(p.key[:]), p.overlay, PersistentKeepalive)
-		if p.endpoint.IsValid() {
-			fmt.Fprintf(&b, "endpoint=%s\n", p.endpoint)
+		fmt.Fprintf(&b, "public_key=%s\nreplace_allowed_ips=true\nallowed_ip=%s/128\n", hex.EncodeToString(p.key[:]), p.overlay)
+		if _, known := m.peers[p.key]; !known {
+			// A first guess, so the first handshake leaves at once instead of failing and waiting
+			// wireguard-go's 5 s retry; the path manager replaces it once a path answers.
+			if guess := p.firstGuess(); guess.IsValid() {
+				fmt.Fprintf(&b, "endpoint=%s\n", guess)
+			}
 		}
-		m.logger.Info("peer set", "node", p.name, "key", p.key.String(), "overlay", p.overlay, "endpoint", p.endpoint)
+		fmt.Fprintf(&b, "persistent_keepalive_interval=%d\n", PersistentKeepalive)
+		m.logger.Info("peer added", "node", p.name, "key", p.key.String(), "overlay", p.overlay, "lan", p.lan)
 	}
 	for k, old := range m.peers {
 		if _, ok := want[k]; !ok {
@@ -265,14 +316,16 @@ func (m *mesh) apply(s *discovery.Snapshot) {
 			m.logger.Info("peer removed", "node", old.name, "key", k.String())
 		}
 	}
-	if b.Len() == 0 {
-		return
-	}
-	if err := m.dev.IpcSet(b.String()); err != nil {
-		m.logger.Error("wireguard: set peers", "err", err)
-		return
+	if b.Len() > 0 {
+		if err := m.dev.IpcSet(b.String()); err != nil {
+			m.logger.Error("wireguard: set peers", "err", err)
+			return
+		}
 	}
 	m.peers = want
+	if m.paths != nil {
+		m.paths.SetPeers(infos)
+	}
 }
 
 // DialEndpoint implements proxy.EndpointDialer: endpoints on other mesh nodes are reached through
@@ -362,12 +415,4 @@ func (m *mesh) info() (DeviceInfo, error) {
 		}
 	}
 	return di, nil
-}
-
-// ping probes node through the path layer.
-func (m *mesh) ping(ctx context.Context, node string, count int, untilDirect bool, each func(control.PingResult)) error {
-	if _, ok := m.dir.Load().byName[node]; !ok {
-		return fmt.Errorf("unknown node %q: not a peer of this node (see meshctl wg show)", node)
-	}
-	return errors.New("ping: the path layer is not running")
 }

@@ -46,13 +46,19 @@ agent answers on the control socket, so "meshctl status --json" doubles as a rea
 				st.Flows.OK, st.Flows.NoService, st.Flows.NoEndpoints, st.Flows.DialFailures, st.Flows.Retries,
 				st.Flows.ActiveTCP, st.Flows.ActiveUDP)
 			fmt.Fprintf(t, "WireGuard:\t%s, overlay %s, port %d\n", st.PublicKey, st.Overlay, st.ListenPort)
+			if st.Reflexive != "" {
+				fmt.Fprintf(t, "Reflexive:\t%s\n", st.Reflexive)
+			}
+			for _, r := range st.Relays {
+				fmt.Fprintf(t, "Relay:\t%s\n", r)
+			}
 			for _, p := range st.Peers {
 				hs := "never"
 				if !p.LatestHandshake.IsZero() {
 					hs = since(p.LatestHandshake) + " ago"
 				}
-				fmt.Fprintf(t, "  peer %s:\t%s, endpoint %s, handshake %s, rx %s, tx %s\n",
-					orDash(p.Node), p.PublicKey, orDash(p.Endpoint), hs, bytesString(p.RxBytes), bytesString(p.TxBytes))
+				fmt.Fprintf(t, "  peer %s:\t%s via %s %s, handshake %s, rx %s, tx %s\n",
+					orDash(p.Node), p.PublicKey, orDash(p.Path), orDash(p.Endpoint), hs, bytesString(p.RxBytes), bytesString(p.TxBytes))
 			}
 			fmt.Fprintf(t, "DNS queries:\t%d (%d cluster, %d nxdomain, %d forwarded, %d cache hits, %d formerr, %d servfail)\n",
 				st.DNS.Queries, st.DNS.Cluster, st.DNS.NXDomain, st.DNS.Forwarded, st.DNS.CacheHits, st.DNS.FormErr, st.DNS.ServFail)

@@ -45,6 +45,9 @@ type Status struct {
 	Overlay    string   `json:"overlay"`
 	ListenPort int      `json:"listenPort"`
 	Peers      []WGPeer `json:"peers"`
+	// Relays are the relay registrations; Reflexive is this node's WireGuard socket as a relay sees it.
+	Relays    []string `json:"relays,omitempty"`
+	Reflexive string   `json:"reflexive,omitempty"`
 }
 
 // WireGuard is the node's WireGuard device as `wg show` sees it, with node names.

@@ -1,10 +1,53 @@
-// Package path owns the node's WireGuard transport: the one UDP socket that every datagram between
-// this node and its peers goes through, exposed to wireguard-go as its conn.Bind. It wraps
-// wireguard-go's own conn.StdNetBind, so WireGuard keeps its batched I/O (recvmmsg/sendmmsg, UDP
-// GSO/GRO) unchanged, and demultiplexes from the same socket the datagrams that are not WireGuard —
-// path probes and hole punching, which must leave from and arrive at the very socket (and NAT
-// mapping) that WireGuard uses. Candidate paths per peer (LAN, hole-punched, relayed) and the choice
-// among them will live here too; today every peer has the one path wireguard-go's endpoint names.
+// Package path owns the node's WireGuard transport and the choice of path to every peer: the one
+// UDP socket that every datagram between this node and its peers goes through, exposed to
+// wireguard-go as its conn.Bind, and the Manager that keeps each peer's candidate paths (LAN
+// addresses, reflexive and peer-reflexive addresses, relays), probes them from that socket, punches
+// holes through NATs, and tells wireguard-go which endpoint to use. The Bind wraps wireguard-go's
+// own conn.StdNetBind, so WireGuard keeps its batched I/O (recvmmsg/sendmmsg, UDP GSO/GRO)
+// unchanged, and demultiplexes from the same socket the datagrams that are not WireGuard — path
+// probes, relay frames and punches, which must leave from and arrive at the very socket (and NAT
+// mapping) that WireGuard uses.
+//
+// # Frames
+//
+// The datagrams that share the socket with WireGuard — BIND, BINDACK, DATA, PING, PONG — are the
+// path frames of package relay (relay/wire.go documents their layout and flow). This package adds
+// one thing: the key that MACs PING and PONG between two nodes is
+// HMAC-SHA256(X25519(own private key, peer's public key), "edgewire path probe v1"), from their
+// WireGuard static keys, so both sides derive it alone.
+//
+// # Synthetic endpoints
+//
+// wireguard-go and UAPI (Debian's `wg`, which crashes on anything but IP:port) see a peer reached
+// through relay R (the relay's index in the agent's list) as the synthetic endpoint
+//
+//	127.3.(R+1).(ID>>16):(ID&0xffff)     e.g. node 5 on relay 0 is 127.3.1.0:5
+//
+// where ID is the peer's node ID on that relay. So R ranges over 0..254 (MaxRelays) and ID over
+// 0..2^24-1 (MaxRelayNodeID); a peer whose ID is larger cannot be reached through that relay, and
+// a real peer at an address in 127.3.0.0/16 cannot be addressed. Send to a synthetic endpoint
+// wraps each datagram in a DATA frame for ID and sends it to relay R's UDP address from the
+// WireGuard socket. A DATA frame received from a relay's UDP address is unwrapped in place: a
+// WireGuard payload is moved to the start of its buffer, its size fixed, and its endpoint (a
+// StdNetEndpoint, fresh per datagram) rewritten to the source node's synthetic endpoint, so
+// wireguard-go sees ordinary WireGuard traffic, with no copy to another buffer and no allocation;
+// a PING or PONG payload goes to the packet handler from the synthetic endpoint, like a direct one.
+//
+// # Paths
+//
+// The Manager probes every candidate with PINGs: unconfirmed ones every probe interval, alive ones
+// every 2.5 intervals; a PONG marks a candidate alive with its RTT, three missed probes in a row
+// (re-probed after half an interval once one is missed) mark it dead. A valid PING from an
+// address that is no candidate makes it a peer-reflexive candidate, answered and probed at once
+// (ICE's triggered check: how a node behind a hard NAT reaches a public one). The choice is an
+// alive LAN candidate, else an alive direct one, else a relay (alive first, then one whose BIND
+// was answered); with none of these, an unconfirmed LAN or direct guess. The Manager applies the
+// choice with SetEndpoint when it changes, and re-applies it at every roaming check (2.5
+// intervals) if wireguard-go roamed away. A relayed peer with a reflexive address asks its relay
+// for a punch (at most every 5 intervals); on the relay's signal both sides first open their own
+// NAT mapping with a few datagrams whose TTL only passes their own router (a raw socket with the
+// WireGuard socket's source port), then PING each other's reflexive and LAN addresses every 75ms
+// (see DESIGN.md for why two masquerade NATs defeat a naive simultaneous punch).
 //
 // # Demultiplexing
 //
@@ -40,6 +83,7 @@ import (
 	"log/slog"
 	"net"
 	"net/netip"
+	"sync"
 	"sync/atomic"
 
 	"golang.zx2c4.com/wireguard/conn"
@@ -70,19 +114,33 @@ type Stats struct {
 	// OtherDropped counts the OtherIn datagrams that were dropped: no OnPacket, or a source
 	// address that could not be read from the inner Bind's endpoint.
 	OtherDropped uint64
+	// RelayedIn counts DATA frames received from a relay and unwrapped (WireGuard or probes).
+	RelayedIn uint64
+	// RelayedInDropped counts DATA frames from a relay that were malformed, empty, or named a node
+	// ID no synthetic endpoint can hold.
+	RelayedInDropped uint64
+	// RelayedOut counts datagrams sent to a synthetic endpoint, wrapped in DATA frames.
+	RelayedOut uint64
+	// RelayedOutDropped counts datagrams for a synthetic endpoint whose relay has no session.
+	RelayedOutDropped uint64
 }
 
 // Bind is the node's conn.Bind. Its methods are safe for concurrent use.
 type Bind struct {
 	log      *slog.Logger
 	inner    conn.Bind
-	onPacket func(pkt []byte, from netip.AddrPort)
+	onPacket atomic.Pointer[func(pkt []byte, from netip.AddrPort)] // nil: drop
+	relays   atomic.Pointer[relayTable]                            // nil: no relay sessions
+
+	batchPool sync.Pool // *relayBatch
 
 	port         atomic.Uint32 // the port the open inner Bind reported; 0 while closed
 	wgIn         atomic.Uint64
 	otherIn      atomic.Uint64
 	otherDropped atomic.Uint64
 	dropLog      logLimiter
+
+	relayedIn, relayedInDropped, relayedOut, relayedOutDropped atomic.Uint64
 }
 
 var _ conn.Bind = (*Bind)(nil)
@@ -97,11 +155,29 @@ func NewBind(cfg Config) *Bind {
 	if inner == nil {
 		inner = conn.NewStdNetBind()
 	}
-	return &Bind{
-		log:      log.With("component", "path"),
-		inner:    inner,
-		onPacket: cfg.OnPacket,
+	b := &Bind{
+		log:   log.With("component", "path"),
+		inner: inner,
 	}
+	b.setHandler(cfg.OnPacket)
+	return b
+}
+
+// setHandler replaces the handler of datagrams that are not WireGuard (nil: drop and count).
+func (b *Bind) setHandler(h func(pkt []byte, from netip.AddrPort)) {
+	if h == nil {
+		b.onPacket.Store(nil)
+		return
+	}
+	b.onPacket.Store(&h)
+}
+
+// handler is the current handler of datagrams that are not WireGuard, or nil.
+func (b *Bind) handler() func(pkt []byte, from netip.AddrPort) {
+	if h := b.onPacket.Load(); h != nil {
+		return *h
+	}
+	return nil
 }
 
 // Open opens the inner Bind on port (0: any) and returns its receive functions, each wrapped to
@@ -139,9 +215,14 @@ func (b *Bind) SetMark(mark uint32) error {
 	return nil
 }
 
-// Send sends WireGuard's datagrams through the inner Bind. Its errors are the inner Bind's,
-// unwrapped: this is the hot path, and wireguard-go inspects them (net.ErrClosed, UDP GSO errors).
+// Send sends WireGuard's datagrams through the inner Bind; to a synthetic endpoint it wraps each
+// in a DATA frame and sends them to that endpoint's relay (see the package doc). Errors from the
+// inner Bind are returned unwrapped: this is the hot path, and wireguard-go inspects them
+// (net.ErrClosed, UDP GSO errors).
 func (b *Bind) Send(bufs [][]byte, ep conn.Endpoint) error {
+	if to, ok := syntheticOf(ep); ok {
+		return b.sendRelayed(bufs, to)
+	}
 	return b.inner.Send(bufs, ep)
 }
 
@@ -172,6 +253,12 @@ func (b *Bind) SendTo(pkt []byte, to netip.AddrPort) error {
 	case b.port.Load() == 0:
 		return fmt.Errorf("path: send to %s: %w", to, net.ErrClosed)
 	}
+	if _, _, ok := ParseSynthetic(to); ok {
+		if err := b.sendRelayed([][]byte{pkt}, to); err != nil {
+			return fmt.Errorf("path: send to %s: %w", to, err)
+		}
+		return nil
+	}
 	ep, err := b.inner.ParseEndpoint(to.String())
 	if err != nil {
 		return fmt.Errorf("path: send to %s: parse endpoint: %w", to, err)
@@ -191,6 +278,11 @@ func (b *Bind) Stats() Stats {
 		WireGuardIn:  b.wgIn.Load(),
 		OtherIn:      b.otherIn.Load(),
 		OtherDropped: b.otherDropped.Load(),
+
+		RelayedIn:         b.relayedIn.Load(),
+		RelayedInDropped:  b.relayedInDropped.Load(),
+		RelayedOut:        b.relayedOut.Load(),
+		RelayedOutDropped: b.relayedOutDropped.Load(),
 	}
 }
 

@@ -6,7 +6,12 @@ import (
 	"time"
 
 	"golang.zx2c4.com/wireguard/conn"
+
+	"github.com/edgewire/edgewire/relay"
 )
+
+// dataMagic0 is the first byte of every path frame (relay/wire.go), checked before parsing.
+const dataMagic0 = 0xE7
 
 // WireGuard message types and sizes (wireguard-go device/noise-protocol.go), for classification.
 const (
@@ -87,9 +92,11 @@ func (b *Bind) receive(fn conn.ReceiveFunc) conn.ReceiveFunc {
 }
 
 // demux leaves WireGuard's datagrams in the batch and takes every other one out: it hands it to
-// OnPacket (or drops it) and sets its size to 0, which wireguard-go skips.
+// the packet handler (or drops it) and sets its size to 0, which wireguard-go skips. A DATA frame
+// from a relay is unwrapped in place first (unwrapRelayed).
 func (b *Bind) demux(bufs [][]byte, sizes []int, eps []conn.Endpoint) {
 	var wg, other, dropped uint64
+	onPacket := b.handler()
 	for i, size := range sizes {
 		if size <= 0 || size > len(bufs[i]) {
 			continue // nothing here (receive contract), or nothing we can read
@@ -99,14 +106,24 @@ func (b *Bind) demux(bufs [][]byte, sizes []int, eps []conn.Endpoint) {
 			wg++
 			continue
 		}
+		from, ok := endpointAddr(eps[i])
+		if ok && len(pkt) >= relay.DataHeaderLen && pkt[0] == dataMagic0 {
+			if typ, isFrame := relay.IsFrame(pkt); isFrame && typ == relay.FrameData {
+				if r, isRelay := b.relayOf(from); isRelay {
+					if b.unwrapRelayed(r, bufs, sizes, eps, i) {
+						wg++
+					}
+					continue
+				}
+			}
+		}
 		other++
 		sizes[i] = 0
-		from, ok := endpointAddr(eps[i])
-		if b.onPacket == nil || !ok {
+		if onPacket == nil || !ok {
 			dropped++
 			continue
 		}
-		b.onPacket(pkt, from)
+		onPacket(pkt, from)
 	}
 	if wg > 0 {
 		b.wgIn.Add(wg)
@@ -118,7 +135,7 @@ func (b *Bind) demux(bufs [][]byte, sizes []int, eps []conn.Endpoint) {
 		total := b.otherDropped.Add(dropped)
 		if b.dropLog.allow(time.Now()) {
 			b.log.Debug("dropped datagrams that are not WireGuard", "dropped_total", total,
-				"handler", b.onPacket != nil)
+				"handler", onPacket != nil)
 		}
 	}
 }

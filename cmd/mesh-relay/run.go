@@ -1,0 +1,139 @@
+package main
+
+import (
+	"context"
+	"fmt"
+	"log/slog"
+	"net"
+	"net/netip"
+	"os"
+	"os/signal"
+	"strconv"
+	"syscall"
+
+	"github.com/spf13/cobra"
+
+	"github.com/edgewire/edgewire/relay"
+)
+
+// options are the command line of mesh-relay.
+type options struct {
+	listen        string
+	joinToken     string
+	joinTokenFile string
+	stateDir      string
+	advertise     []string
+	metricsAddr   string
+	logLevel      string
+}
+
+func newRootCmd() *cobra.Command {
+	var o options
+	cmd := &cobra.Command{
+		Use:   "mesh-relay",
+		Short: "edgewire rendezvous and relay server",
+		Long: `mesh-relay is the rendezvous and relay server of an edgewire mesh. Run it on a host every
+node can reach (the cloud); several may run side by side, and nodes register with every relay
+they are given ("meshctl up --relay ADDR --join-token TOKEN", --relay repeatable).
+
+A node registers by proving it knows the cluster's join token; the relay binds the node's name
+to its keys on first registration (a later node claiming that name with other keys is refused)
+and gives it a node ID. Registered nodes get the node directory (name, keys, overlay address,
+LAN addresses and the public address of each node's WireGuard socket), pushed on every change;
+they ask the relay to coordinate simultaneous hole punches; and when no direct path works they
+send their WireGuard datagrams through the relay, which forwards them between registered nodes
+within a per-node rate limit. Relayed traffic stays end-to-end encrypted by WireGuard.
+Unregistered peers get nothing.
+
+The relay listens on --listen (a port, or ADDR:PORT; default 4001) for libp2p over TCP and for
+the UDP datagram relay on the same port number: open both in the firewall. Its libp2p identity
+is kept in --state-dir (relay.key, 0600), so its peer ID stays the same across restarts, along
+with the name bindings (bindings.json). At start it prints its peer ID and multiaddrs; nodes
+name it either by a multiaddr with /p2p/<peer ID>, or by host:port, in which case they check
+that the relay proves it knows the join token.
+
+The join token comes from --join-token-file (preferred: a file readable only by the relay's
+user) or --join-token (visible in the process list). The relay refuses to start without one.
+Behind NAT or a load balancer, --advertise-addr HOST:PORT (repeatable) sets the addresses the
+relay announces. --metrics-addr serves Prometheus metrics at /metrics.
+
+The relay runs in the foreground until SIGINT or SIGTERM.`,
+		Args:          cobra.NoArgs,
+		SilenceUsage:  true,
+		SilenceErrors: true,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			return run(cmd, o)
+		},
+	}
+	f := cmd.Flags()
+	f.StringVar(&o.listen, "listen", "4001", "TCP and UDP port to listen on, or ADDR:PORT")
+	f.StringVar(&o.joinToken, "join-token", "", "the cluster's join token (prefer --join-token-file)")
+	f.StringVar(&o.joinTokenFile, "join-token-file", "", "file holding the join token")
+	f.StringVar(&o.stateDir, "state-dir", "/var/lib/edgewire-relay", "relay identity and name bindings (created 0700)")
+	f.StringArrayVar(&o.advertise, "advertise-addr", nil, "HOST:PORT (or multiaddr) to announce instead of the listen addresses; repeatable")
+	f.StringVar(&o.metricsAddr, "metrics-addr", "", "HOST:PORT serving Prometheus metrics at /metrics (off when empty)")
+	f.StringVar(&o.logLevel, "log-level", "info", "debug, info, warn or error")
+	return cmd
+}
+
+// parseListen turns "4001" or "ADDR:PORT" into an address (zero = all) and a port.
+func parseListen(s string) (netip.Addr, uint16, error) {
+	host, port := "", s
+	if h, p, err := net.SplitHostPort(s); err == nil {
+		host, port = h, p
+	}
+	n, err := strconv.ParseUint(port, 10, 16)
+	if err != nil {
+		return netip.Addr{}, 0, fmt.Errorf("--listen %q: port: %w", s, err)
+	}
+	if host == "" {
+		return netip.Addr{}, uint16(n), nil
+	}
+	addr, err := netip.ParseAddr(host)
+	if err != nil {
+		return netip.Addr{}, 0, fmt.Errorf("--listen %q: address: %w", s, err)
+	}
+	return addr, uint16(n), nil
+}
+
+func run(cmd *cobra.Command, o options) error {
+	var level slog.Level
+	if err := level.UnmarshalText([]byte(o.logLevel)); err != nil {
+		return fmt.Errorf("--log-level: %w", err)
+	}
+	log := slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: level}))
+	addr, port, err := parseListen(o.listen)
+	if err != nil {
+		return err
+	}
+	token, err := joinToken(o.joinToken, o.joinTokenFile, log)
+	if err != nil {
+		return err
+	}
+	srv, err := relay.NewServer(relay.ServerConfig{
+		Logger:         log,
+		ListenPort:     port,
+		ListenAddr:     addr,
+		JoinToken:      token,
+		StateDir:       o.stateDir,
+		AdvertiseAddrs: o.advertise,
+		MetricsAddr:    o.metricsAddr,
+	})
+	if err != nil {
+		return err
+	}
+	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGINT, syscall.SIGTERM)
+	defer stop()
+	if err := srv.Start(); err != nil {
+		return err
+	}
+	w := cmd.OutOrStdout()
+	fmt.Fprintf(w, "peer ID: %s\n", srv.PeerID())
+	for _, a := range srv.Multiaddrs() {
+		fmt.Fprintf(w, "address: %s\n", a)
+	}
+	fmt.Fprintf(w, "mesh-relay ready: TCP and UDP port %d\n", srv.Port())
+	<-ctx.Done()
+	log.Info("shutting down")
+	return srv.Close()
+}

@@ -1,0 +1,502 @@
+package path
+
+import (
+	"context"
+	"net/netip"
+	"slices"
+	"time"
+
+	"github.com/edgewire/edgewire/relay"
+)
+
+// source is where a candidate came from.
+type source int
+
+const (
+	srcLAN           source = iota // the peer's LAN list
+	srcReflexive                   // the peer's reflexive address from the directory
+	srcPeerReflexive               // the source of a valid PING from the peer
+	srcPunch                       // the reflexive address a punch signal named
+	srcRelay                       // a synthetic endpoint on a relay
+)
+
+func (s source) String() string {
+	return [...]string{"lan", "reflexive", "peer-reflexive", "punch", "relay"}[s]
+}
+
+// candidate is one path to a peer. Guarded by Manager.mu.
+type candidate struct {
+	addr     netip.AddrPort
+	src      source
+	relay    int // srcRelay only
+	alive    bool
+	rtt      time.Duration
+	lastPong time.Time
+	lastSent time.Time // of the last probe
+	misses   int       // consecutive missed probes
+	probeTx  uint64    // outstanding probe; 0: none
+	learned  time.Time // srcPeerReflexive: when last seen
+}
+
+func (c *candidate) kind() Kind {
+	switch c.src {
+	case srcLAN:
+		return KindLAN
+	case srcRelay:
+		return KindRelay
+	}
+	return KindDirect
+}
+
+// peerState is one peer. Guarded by Manager.mu.
+type peerState struct {
+	info    PeerInfo
+	macKey  []byte
+	added   time.Time
+	cands   []*candidate // LAN, reflexive, peer-reflexive/punch, relay
+	chosen  *candidate
+	applied netip.AddrPort // last endpoint SetEndpoint accepted
+	checked time.Time      // last roaming check
+
+	lastPunchReq  time.Time
+	punchInFlight bool // a RequestPunch call is running
+	punching      bool // an OnPunch is running
+}
+
+func (p *peerState) find(addr netip.AddrPort) *candidate {
+	for _, c := range p.cands {
+		if c.addr == addr {
+			return c
+		}
+	}
+	return nil
+}
+
+// relayState is the node's session with one relay. Guarded by Manager.mu.
+type relayState struct {
+	sess     RelaySession
+	bound    bool // a BINDACK answered one of the last BINDs
+	lastSent time.Time
+	unacked  int
+	nonces   [4]uint64 // of the last BINDs sent
+	observed netip.AddrPort
+}
+
+// tx is an outstanding PING. Guarded by Manager.mu.
+type tx struct {
+	peer  *peerState
+	addr  netip.AddrPort
+	sent  time.Time
+	probe bool          // a background probe: a timeout is a miss
+	done  chan pongInfo // Ping's waiter (cap 1), or nil
+}
+
+type pongInfo struct {
+	addr netip.AddrPort
+	rtt  time.Duration
+}
+
+// rebuildLocked recomputes p's candidates from its info and the relay sessions, keeping the
+// state of candidates whose address remains.
+func (m *Manager) rebuildLocked(p *peerState) {
+	var next []*candidate
+	add := func(addr netip.AddrPort, src source, r int) {
+		if !addr.IsValid() || addr.Port() == 0 {
+			return
+		}
+		addr = netip.AddrPortFrom(addr.Addr().Unmap(), addr.Port())
+		for _, c := range next {
+			if c.addr == addr {
+				return
+			}
+		}
+		c := p.find(addr)
+		if c == nil {
+			c = &candidate{addr: addr}
+		}
+		c.src, c.relay = src, r
+		next = append(next, c)
+	}
+	for _, a := range p.info.LAN {
+		add(a, srcLAN, 0)
+	}
+	add(p.info.Reflexive, srcReflexive, 0)
+	for _, c := range p.cands {
+		if c.src == srcPeerReflexive || c.src == srcPunch {
+			add(c.addr, c.src, 0)
+		}
+	}
+	routes := slices.Clone(p.info.Relays)
+	slices.SortFunc(routes, func(a, b RelayRoute) int { return a.Relay - b.Relay })
+	for _, rt := range routes {
+		if m.relays[rt.Relay] == nil {
+			continue
+		}
+		if synth, ok := SyntheticEndpoint(rt.Relay, rt.ID); ok {
+			add(synth, srcRelay, rt.Relay)
+		}
+	}
+	p.cands = next
+	if p.chosen != nil && p.find(p.chosen.addr) != p.chosen {
+		p.chosen = nil
+	}
+}
+
+// handle processes one datagram from the queue.
+func (m *Manager) handle(rx *rxPacket) {
+	pkt := rx.buf[:rx.n]
+	typ, ok := relay.IsFrame(pkt)
+	if !ok {
+		m.stats.malformed.Add(1)
+		return
+	}
+	now := time.Now()
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	switch typ {
+	case relay.FrameBindAck:
+		m.handleBindAckLocked(pkt, rx.from)
+	case relay.FramePing, relay.FramePong:
+		m.handlePingLocked(pkt, rx.from, now)
+	default:
+		m.stats.malformed.Add(1)
+	}
+}
+
+func (m *Manager) handleBindAckLocked(pkt []byte, from netip.AddrPort) {
+	nonce, observed, err := relay.ParseBindAck(pkt)
+	if err != nil {
+		m.stats.malformed.Add(1)
+		return
+	}
+	for _, rs := range m.relays {
+		if rs.sess.UDPAddr != from || !slices.Contains(rs.nonces[:], nonce) || nonce == 0 {
+			continue
+		}
+		m.stats.bindAcks.Add(1)
+		if !rs.bound || rs.observed != observed {
+			m.log.Info("relay bound", "relay", rs.sess.Relay, "reflexive", observed)
+		}
+		rs.bound, rs.unacked, rs.observed = true, 0, observed
+		m.updateReflexiveLocked()
+		return
+	}
+	m.stats.badMAC.Add(1)
+}
+
+func (m *Manager) updateReflexiveLocked() {
+	best := -1
+	for r, rs := range m.relays {
+		if rs.bound && rs.observed.IsValid() && (best < 0 || r < best) {
+			best = r
+		}
+	}
+	if best >= 0 {
+		m.reflexive = m.relays[best].observed
+	}
+}
+
+func (m *Manager) handlePingLocked(pkt []byte, from netip.AddrPort, now time.Time) {
+	ping, err := relay.ParsePing(pkt)
+	if err != nil {
+		m.stats.malformed.Add(1)
+		return
+	}
+	p := m.peers[ping.Sender]
+	if p == nil {
+		m.stats.unknown.Add(1)
+		return
+	}
+	if !relay.VerifyPing(pkt, p.macKey) {
+		m.stats.badMAC.Add(1)
+		return
+	}
+	if !ping.Pong {
+		m.stats.pingsIn.Add(1)
+		pong := relay.AppendPing(nil, relay.Ping{Pong: true, Sender: m.cfg.PublicKey, TxID: ping.TxID, Observed: from}, p.macKey)
+		if err := m.bind.SendTo(pong, from); err != nil {
+			m.log.Debug("pong", "peer", p.info.Name, "to", from, "err", err)
+		}
+		if c := m.learnLocked(p, from, now); c != nil && !c.alive && c.probeTx == 0 {
+			m.sendProbeLocked(p, c, now, true, nil) // triggered check
+		}
+		return
+	}
+	t := m.txs[ping.TxID]
+	if t == nil || t.peer != p {
+		m.stats.badMAC.Add(1) // a PONG for nothing we sent (or sent to another peer)
+		return
+	}
+	m.stats.pongsIn.Add(1)
+	delete(m.txs, ping.TxID)
+	rtt := now.Sub(t.sent)
+	if from != t.addr {
+		// The peer answered from elsewhere (its NAT maps us differently): a candidate to probe.
+		m.learnLocked(p, from, now)
+		if t.done != nil {
+			t.done <- pongInfo{addr: t.addr, rtt: rtt}
+		}
+		return
+	}
+	if c := p.find(t.addr); c != nil {
+		if !c.alive {
+			m.log.Debug("path alive", "peer", p.info.Name, "kind", c.kind(), "addr", c.addr, "rtt", rtt)
+		}
+		c.alive, c.rtt, c.lastPong, c.misses = true, rtt, now, 0
+		if c.probeTx == ping.TxID {
+			c.probeTx = 0
+		}
+	}
+	if t.done != nil {
+		t.done <- pongInfo{addr: t.addr, rtt: rtt}
+	}
+	m.chooseLocked(p)
+}
+
+// learnLocked makes from a peer-reflexive candidate of p unless it is one already (or a relay's
+// synthetic endpoint), and returns the candidate.
+func (m *Manager) learnLocked(p *peerState, from netip.AddrPort, now time.Time) *candidate {
+	if c := p.find(from); c != nil {
+		if c.src == srcPeerReflexive {
+			c.learned = now
+		}
+		return c
+	}
+	if _, _, ok := ParseSynthetic(from); ok {
+		return nil
+	}
+	var learned []*candidate
+	for _, c := range p.cands {
+		if c.src == srcPeerReflexive {
+			learned = append(learned, c)
+		}
+	}
+	if len(learned) >= maxPeerReflexive {
+		oldest := learned[0]
+		for _, c := range learned {
+			if !c.alive && (oldest.alive || c.learned.Before(oldest.learned)) {
+				oldest = c
+			}
+		}
+		p.cands = slices.DeleteFunc(p.cands, func(c *candidate) bool { return c == oldest })
+		if p.chosen == oldest {
+			p.chosen = nil
+		}
+	}
+	c := &candidate{addr: from, src: srcPeerReflexive, learned: now}
+	i := slices.IndexFunc(p.cands, func(c *candidate) bool { return c.src == srcRelay })
+	if i < 0 {
+		i = len(p.cands)
+	}
+	p.cands = slices.Insert(p.cands, i, c)
+	m.log.Debug("peer-reflexive candidate", "peer", p.info.Name, "addr", from)
+	return c
+}
+
+// sendProbeLocked sends a PING for p to c's address and records the transaction.
+func (m *Manager) sendProbeLocked(p *peerState, c *candidate, now time.Time, probe bool, done chan pongInfo) uint64 {
+	m.nextTx++
+	id := m.nextTx
+	frame := relay.AppendPing(nil, relay.Ping{Sender: m.cfg.PublicKey, TxID: id}, p.macKey)
+	if err := m.bind.SendTo(frame, c.addr); err != nil {
+		m.log.Debug("probe", "peer", p.info.Name, "addr", c.addr, "err", err)
+		return 0
+	}
+	m.stats.pingsSent.Add(1)
+	m.txs[id] = &tx{peer: p, addr: c.addr, sent: now, probe: probe, done: done}
+	if probe {
+		c.probeTx, c.lastSent = id, now
+	}
+	return id
+}
+
+// step runs the timers: expired probes, due probes and BINDs, path choice, punch requests; then
+// applies changed endpoints outside the lock.
+func (m *Manager) step() {
+	now := time.Now()
+	type apply struct {
+		key  [32]byte
+		name string
+		addr netip.AddrPort
+		kind Kind
+		want bool // the choice changed (false: roaming check)
+	}
+	var applies []apply
+	m.mu.Lock()
+	for id, t := range m.txs {
+		if t.done != nil || now.Sub(t.sent) < m.t.pongTimeout {
+			continue // Ping removes its own transactions
+		}
+		delete(m.txs, id)
+		if !t.probe {
+			continue
+		}
+		if c := t.peer.find(t.addr); c != nil && c.probeTx == id {
+			c.probeTx = 0
+			c.misses++
+			if c.alive && c.misses >= missesToDead {
+				c.alive = false
+				m.log.Info("path dead", "peer", t.peer.info.Name, "kind", c.kind(), "addr", c.addr)
+			}
+		}
+	}
+	for _, rs := range m.relays {
+		due := rs.lastSent.Add(m.t.probe)
+		if rs.bound {
+			due = rs.lastSent.Add(m.t.bind)
+		}
+		if now.Before(due) {
+			continue
+		}
+		if rs.unacked >= missesToDead && rs.bound {
+			rs.bound = false
+			m.log.Info("relay not answering BIND", "relay", rs.sess.Relay)
+		}
+		m.nextTx++
+		nonce := m.nextTx
+		frame := relay.AppendBind(nil, rs.sess.ID, nonce, rs.sess.Key)
+		if err := m.bind.SendTo(frame, rs.sess.UDPAddr); err != nil {
+			m.log.Debug("bind", "relay", rs.sess.Relay, "err", err)
+			continue
+		}
+		copy(rs.nonces[1:], rs.nonces[:])
+		rs.nonces[0] = nonce
+		rs.lastSent = now
+		rs.unacked++
+	}
+	for key, p := range m.peers {
+		for _, c := range p.cands {
+			if c.probeTx != 0 {
+				continue
+			}
+			due := c.lastSent.Add(m.t.probe)
+			switch {
+			case c.alive && c.misses > 0:
+				due = c.lastSent.Add(m.t.pongTimeout)
+			case c.alive:
+				due = c.lastSent.Add(m.t.alive)
+			}
+			if !now.Before(due) {
+				m.sendProbeLocked(p, c, now, true, nil)
+			}
+		}
+		prev := p.chosen
+		m.chooseLocked(p)
+		if c := p.chosen; c != nil {
+			switch {
+			case c != prev || c.addr != p.applied:
+				applies = append(applies, apply{key, p.info.Name, c.addr, m.kindOfChoiceLocked(c), true})
+				p.checked = now
+			case now.Sub(p.checked) >= m.t.alive:
+				applies = append(applies, apply{key, p.info.Name, c.addr, m.kindOfChoiceLocked(c), false})
+				p.checked = now
+			}
+		}
+		m.maybeRequestPunchLocked(p, now, false)
+	}
+	m.mu.Unlock()
+
+	for _, a := range applies {
+		if !a.want && m.cfg.Endpoint != nil {
+			if cur, err := m.cfg.Endpoint(a.key); err == nil && cur == a.addr.String() {
+				continue
+			}
+		}
+		err := m.cfg.SetEndpoint(a.key, a.addr.String())
+		m.mu.Lock()
+		if p := m.peers[a.key]; p != nil && err == nil {
+			p.applied = a.addr
+		}
+		m.mu.Unlock()
+		switch {
+		case err != nil:
+			if m.setLog.allow(time.Now()) {
+				m.log.Warn("set endpoint", "peer", a.name, "endpoint", a.addr, "err", err)
+			}
+		case a.want:
+			m.stats.pathChanges.Add(1)
+			m.log.Info("path", "peer", a.name, "kind", a.kind, "endpoint", a.addr)
+		}
+	}
+}
+
+// rank orders candidates for the choice: an alive LAN address, then an alive direct one, then an
+// alive relay, a relay whose session is bound, any relay, and last an unconfirmed guess.
+func (m *Manager) rankLocked(c *candidate) int {
+	switch {
+	case c.alive && c.src == srcLAN:
+		return 6
+	case c.alive && c.src != srcRelay:
+		return 5
+	case c.alive:
+		return 4
+	case c.src == srcRelay && m.relays[c.relay] != nil && m.relays[c.relay].bound:
+		return 3
+	case c.src == srcRelay:
+		return 2
+	}
+	return 1
+}
+
+// chooseLocked sets p.chosen to the best candidate; the current choice wins ties.
+func (m *Manager) chooseLocked(p *peerState) {
+	var best *candidate
+	bestRank := 0
+	if p.chosen != nil && p.find(p.chosen.addr) == p.chosen {
+		best, bestRank = p.chosen, m.rankLocked(p.chosen)
+	}
+	for _, c := range p.cands {
+		if r := m.rankLocked(c); r > bestRank {
+			best, bestRank = c, r
+		}
+	}
+	p.chosen = best
+}
+
+// kindOfChoiceLocked is the kind Paths reports for a chosen candidate: its own when it answers or
+// is a relay, none for an unconfirmed guess.
+func (m *Manager) kindOfChoiceLocked(c *candidate) Kind {
+	if c.alive || c.src == srcRelay {
+		return c.kind()
+	}
+	return KindNone
+}
+
+// maybeRequestPunchLocked asks a relay to coordinate a punch with p when p has a reflexive
+// address, no alive LAN or direct path and a relay both sides are on, at most every punchBackoff
+// (force: Ping --until-direct, which still respects a request in flight).
+func (m *Manager) maybeRequestPunchLocked(p *peerState, now time.Time, force bool) {
+	if m.cfg.RequestPunch == nil || p.punchInFlight || p.punching || !p.info.Reflexive.IsValid() || m.closed || !m.started {
+		return
+	}
+	if !force && (now.Sub(p.lastPunchReq) < m.t.punchBackoff || now.Sub(p.added) < 2*m.t.probe) {
+		return
+	}
+	r := -1
+	for _, c := range p.cands {
+		if c.alive && c.src != srcRelay {
+			return
+		}
+		if c.src == srcRelay && r < 0 && m.relays[c.relay] != nil && m.relays[c.relay].bound {
+			r = c.relay
+		}
+	}
+	if r < 0 {
+		return
+	}
+	p.lastPunchReq, p.punchInFlight = now, true
+	name := p.info.Name
+	m.wg.Add(1)
+	go func() {
+		defer m.wg.Done()
+		ctx, cancel := context.WithTimeout(m.ctx, m.t.punchBackoff)
+		err := m.cfg.RequestPunch(ctx, r, name)
+		cancel()
+		if err != nil && m.ctx.Err() == nil {
+			m.log.Debug("request punch", "peer", name, "relay", r, "err", err)
+		}
+		m.mu.Lock()
+		p.punchInFlight = false
+		m.mu.Unlock()
+	}()
+}

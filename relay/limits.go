@@ -1,0 +1,96 @@
+package relay
+
+import "time"
+
+// ACL decides which token holders may register. Register is called after the join token proof
+// has been checked and before the name binding, with the node name and its libp2p peer ID; a
+// non-nil error refuses the registration (the error's text is sent to the node). It must be safe
+// for concurrent use. A nil ACL allows every token holder.
+type ACL interface {
+	Register(name string, peer string) error
+}
+
+// Limits bounds what each node may use. The zero value of each field means its default.
+type Limits struct {
+	// DataRate is the sustained rate, in bytes per second, of DATA frames a node may send through
+	// the relay (default 12.5e6, 100 Mbit/s); DataBurst the bucket size in bytes (default 1 MiB).
+	// Frames over the limit are dropped and counted.
+	DataRate  float64
+	DataBurst int
+	// PunchRate is how many punch requests per second a node may make (default 5), PunchBurst
+	// the burst (default 20). Requests over the limit are dropped and counted.
+	PunchRate  float64
+	PunchBurst int
+	// MaxNodes caps the number of registered nodes (default 10000).
+	MaxNodes int
+	// KeepAlive is the interval of the relay's pings on each control stream (default 5 s); a stream
+	// silent for three intervals is closed.
+	KeepAlive time.Duration
+	// RegisterTimeout bounds the time from the stream's opening to a valid register (default 10 s).
+	RegisterTimeout time.Duration
+}
+
+// DefaultLimits returns the limits used for zero fields.
+func DefaultLimits() Limits {
+	return Limits{
+		DataRate:        100e6 / 8,
+		DataBurst:       1 << 20,
+		PunchRate:       5,
+		PunchBurst:      20,
+		MaxNodes:        10000,
+		KeepAlive:       5 * time.Second,
+		RegisterTimeout: 10 * time.Second,
+	}
+}
+
+// withDefaults fills zero fields from DefaultLimits.
+func (l Limits) withDefaults() Limits {
+	d := DefaultLimits()
+	if l.DataRate <= 0 {
+		l.DataRate = d.DataRate
+	}
+	if l.DataBurst <= 0 {
+		l.DataBurst = d.DataBurst
+	}
+	if l.PunchRate <= 0 {
+		l.PunchRate = d.PunchRate
+	}
+	if l.PunchBurst <= 0 {
+		l.PunchBurst = d.PunchBurst
+	}
+	if l.MaxNodes <= 0 {
+		l.MaxNodes = d.MaxNodes
+	}
+	if l.KeepAlive <= 0 {
+		l.KeepAlive = d.KeepAlive
+	}
+	if l.RegisterTimeout <= 0 {
+		l.RegisterTimeout = d.RegisterTimeout
+	}
+	return l
+}
+
+// bucket is a token bucket; it is not safe for concurrent use.
+type bucket struct {
+	rate   float64 // tokens per nanosecond
+	burst  float64
+	tokens float64
+	last   int64 // monotonic nanoseconds of the last refill
+}
+
+func newBucket(perSecond float64, burst int, now int64) bucket {
+	return bucket{rate: perSecond / 1e9, burst: float64(burst), tokens: float64(burst), last: now}
+}
+
+// take removes n tokens at time now (monotonic nanoseconds) and reports whether there were enough.
+func (b *bucket) take(n float64, now int64) bool {
+	if now > b.last {
+		b.tokens = min(b.burst, b.tokens+float64(now-b.last)*b.rate)
+		b.last = now
+	}
+	if b.tokens < n {
+		return false
+	}
+	b.tokens -= n
+	return true
+}
