@@ -6,10 +6,13 @@ import (
 	"encoding/json"
 	"fmt"
 	"io"
+	"maps"
 	"os"
 	"os/exec"
 	"path/filepath"
 	"runtime"
+	"slices"
+	"strconv"
 	"strings"
 	"text/tabwriter"
 	"time"
@@ -28,6 +31,9 @@ type Measurement struct {
 	Ratios []Ratio `json:"ratios,omitempty"`
 	// Raw holds the tool's numbers the Value was taken from (iperf3 summary, benchtool result).
 	Raw any `json:"raw,omitempty"`
+	// CPU is the CPU time each daemon (agent, reference wireguard-go) used while the measurement
+	// ran, in percent of one CPU; the clients' and servers' own use is in Raw where the tool reports it.
+	CPU map[string]float64 `json:"cpuPercent,omitempty"`
 }
 
 // Ratio is Value / Of's value.
@@ -38,10 +44,12 @@ type Ratio struct {
 
 // Report is one run of the suite: what `make bench` prints as a table and writes as JSON.
 type Report struct {
-	Started      time.Time      `json:"started"`
-	Seconds      float64        `json:"seconds"`
-	Machine      MachineInfo    `json:"machine"`
-	Measurements []*Measurement `json:"measurements"`
+	Started time.Time   `json:"started"`
+	Seconds float64     `json:"seconds"`
+	Machine MachineInfo `json:"machine"`
+	// Settings are the knobs this run was given (environment of scripts/bench.sh), if any.
+	Settings     map[string]string `json:"settings,omitempty"`
+	Measurements []*Measurement    `json:"measurements"`
 	// Failures lists the measurements that could not be taken, with why.
 	Failures []string `json:"failures,omitempty"`
 
@@ -57,6 +65,10 @@ type MachineInfo struct {
 	Iperf3    string `json:"iperf3"`
 	Commit    string `json:"commit"`
 	Date      string `json:"date"`
+	// LoadStart and LoadEnd are /proc/loadavg's 1, 5 and 15 minute averages when the run started
+	// and ended: a load near or above NProc means something else competed for the CPUs.
+	LoadStart string `json:"loadStart"`
+	LoadEnd   string `json:"loadEnd"`
 }
 
 // NewReport starts a report at now and reads the machine's description.
@@ -82,24 +94,46 @@ func (r *Report) Fail(name string, err error) {
 	r.Failures = append(r.Failures, fmt.Sprintf("%s: %v", name, err))
 }
 
+// Finish records the run's duration and the load average at its end.
+func (r *Report) Finish() {
+	r.Seconds = time.Since(r.Started).Seconds()
+	r.Machine.LoadEnd = loadAvg()
+}
+
 // WriteTable prints the measurements as an aligned table.
 func (r *Report) WriteTable(w io.Writer) {
 	fmt.Fprintf(w, "\nedgewire benchmarks, %s, %d CPUs (%s), kernel %s, %s, commit %s\n",
 		r.Machine.Date, r.Machine.NProc, r.Machine.CPU, r.Machine.Kernel, r.Machine.GoVersion, r.Machine.Commit)
-	fmt.Fprintln(w, "ratio = value / value of the reference named (same run, same machine)")
+	fmt.Fprintf(w, "load average (1, 5, 15 min): %s at start, %s at end; run took %.0f s\n",
+		r.Machine.LoadStart, r.Machine.LoadEnd, r.Seconds)
+	for _, k := range slices.Sorted(maps.Keys(r.Settings)) {
+		fmt.Fprintf(w, "setting: %s=%s\n", k, r.Settings[k])
+	}
+	fmt.Fprintln(w, "ratio = value / value of the reference named (same run, same machine); daemon CPU in % of one CPU")
 	tw := tabwriter.NewWriter(w, 0, 0, 2, ' ', 0)
-	fmt.Fprintln(tw, "NAME\tVALUE\tUNIT\tRATIO VS REFERENCE")
+	fmt.Fprintln(tw, "NAME\tVALUE\tUNIT\tDAEMON CPU\tRATIO VS REFERENCE")
 	for _, m := range r.Measurements {
 		var ratios []string
 		for _, rt := range m.Ratios {
 			ratios = append(ratios, fmt.Sprintf("%.2f× %s", rt.Value, rt.Of))
 		}
-		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\n", m.Name, formatValue(m.Value), m.Unit, strings.Join(ratios, ", "))
+		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\n", m.Name, formatValue(m.Value), m.Unit, formatCPU(m.CPU), strings.Join(ratios, ", "))
 	}
 	tw.Flush()
 	for _, f := range r.Failures {
 		fmt.Fprintf(w, "FAILED: %s\n", f)
 	}
+}
+
+// formatCPU lists the daemons that used at least 1% of a CPU, by name.
+func formatCPU(cpu map[string]float64) string {
+	var parts []string
+	for _, name := range slices.Sorted(maps.Keys(cpu)) {
+		if cpu[name] >= 1 {
+			parts = append(parts, fmt.Sprintf("%s %.0f%%", name, cpu[name]))
+		}
+	}
+	return strings.Join(parts, ", ")
 }
 
 func formatValue(v float64) string {
@@ -144,6 +178,7 @@ func machineInfo(now time.Time) MachineInfo {
 		NProc:     runtime.NumCPU(),
 		GoVersion: runtime.Version() + " " + runtime.GOOS + "/" + runtime.GOARCH,
 		Date:      now.Format(time.RFC3339),
+		LoadStart: loadAvg(),
 	}
 	if b, err := os.ReadFile("/proc/sys/kernel/osrelease"); err == nil {
 		mi.Kernel = strings.TrimSpace(string(b))
@@ -163,6 +198,19 @@ func machineInfo(now time.Time) MachineInfo {
 		mi.Commit = strings.TrimSpace(string(out))
 	}
 	return mi
+}
+
+// loadAvg returns the first three fields of /proc/loadavg ("" if unreadable).
+func loadAvg() string {
+	b, err := os.ReadFile("/proc/loadavg")
+	if err != nil {
+		return ""
+	}
+	f := strings.Fields(string(b))
+	if len(f) < 3 {
+		return ""
+	}
+	return strings.Join(f[:3], " ")
 }
 
 // BenchBinaries are the programs the benchmarks run besides meshctl.
@@ -242,7 +290,7 @@ func parseIperf(out []byte) (IperfSummary, error) {
 		RemoteCPU:   r.End.CPU.Remote,
 	}
 	if s.ReceivedBps <= 0 {
-		return s, fmt.Errorf("iperf3: nothing received")
+		return s, fmt.Errorf("iperf3: nothing received (the client sent at %.0f bit/s into its socket)", s.SentBps)
 	}
 	return s, nil
 }
@@ -257,4 +305,32 @@ type BenchtoolResult struct {
 	PerSec   float64 `json:"perSec"`
 	P50Micro float64 `json:"p50us"`
 	P99Micro float64 `json:"p99us"`
+}
+
+// userHZ is the unit of utime and stime in /proc/<pid>/stat (USER_HZ, 100 on Linux).
+const userHZ = 100
+
+// ProcCPUSeconds returns the CPU time (user and system, all threads) process pid has used.
+func ProcCPUSeconds(pid int) (float64, error) {
+	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", pid))
+	if err != nil {
+		return 0, err
+	}
+	// The command name (field 2) may hold spaces: count fields from after its closing parenthesis,
+	// where field 3 (state) starts; utime and stime are fields 14 and 15.
+	s := string(b)
+	i := strings.LastIndexByte(s, ')')
+	if i < 0 {
+		return 0, fmt.Errorf("/proc/%d/stat: no command name", pid)
+	}
+	f := strings.Fields(s[i+1:])
+	if len(f) < 13 {
+		return 0, fmt.Errorf("/proc/%d/stat: %d fields", pid, len(f))
+	}
+	utime, err1 := strconv.ParseUint(f[11], 10, 64)
+	stime, err2 := strconv.ParseUint(f[12], 10, 64)
+	if err1 != nil || err2 != nil {
+		return 0, fmt.Errorf("/proc/%d/stat: utime %q stime %q", pid, f[11], f[12])
+	}
+	return float64(utime+stime) / userHZ, nil
 }

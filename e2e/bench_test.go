@@ -36,6 +36,10 @@ import (
 //
 // node2 → service IP → pod1 over the agents' WireGuard overlay against node2 → node1 over the LAN
 // (plain veth and bridge) and node2 → node1 over a bare wireguard-go pair configured with `wg`.
+//
+// Environment: BENCH_RESULTS_DIR is where the JSON goes (default ../bench/results, i.e. the
+// repository's bench/results); BENCH_OVERLAY_MTU, when set, is the cross-node agents' --mtu and the
+// reference wireguard-go's MTU (for comparing MTUs; unset measures the product's default).
 const (
 	benchDuration = 10 * time.Second
 	benchIperfIP  = "9.251.0.50"
@@ -51,10 +55,48 @@ type bench struct {
 	meshctl string
 	tools   BenchBinaries
 	report  *Report
+	// overlayMTU is the agents' --mtu in the cross-node topology (and the reference wireguard-go's
+	// MTU); empty for the product's default. From BENCH_OVERLAY_MTU.
+	overlayMTU string
+	// daemons are the processes of the current topology whose CPU use each measurement records.
+	daemons []daemon
 }
 
+type daemon struct {
+	name string
+	proc *Proc
+}
+
+// cpuMeter samples the daemons' CPU time; the function it returns gives each one's use since, in
+// percent of one CPU (a daemon that could not be read is left out).
+func (b *bench) cpuMeter() func() map[string]float64 {
+	start := time.Now()
+	before := make(map[string]float64, len(b.daemons))
+	for _, d := range b.daemons {
+		if s, err := ProcCPUSeconds(d.proc.PID()); err == nil {
+			before[d.name] = s
+		}
+	}
+	return func() map[string]float64 {
+		elapsed := time.Since(start).Seconds()
+		use := make(map[string]float64, len(before))
+		for _, d := range b.daemons {
+			s, err := ProcCPUSeconds(d.proc.PID())
+			if prev, ok := before[d.name]; ok && err == nil {
+				use[d.name] = 100 * (s - prev) / elapsed
+			}
+		}
+		return use
+	}
+}
+
+// TestBench runs both topologies, prints the table and writes the report, also when a measurement
+// failed (the failures are listed in both).
 func TestBench(t *testing.T) {
-	b := &bench{meshctl: needMeshctl(t), report: NewReport()}
+	b := &bench{meshctl: needMeshctl(t), report: NewReport(), overlayMTU: os.Getenv("BENCH_OVERLAY_MTU")}
+	if b.overlayMTU != "" {
+		b.report.Settings = map[string]string{"BENCH_OVERLAY_MTU": b.overlayMTU}
+	}
 	var err error
 	start := time.Now()
 	if b.tools, err = BuildBenchBinaries(t.TempDir()); err != nil {
@@ -65,7 +107,7 @@ func TestBench(t *testing.T) {
 	t.Run("singlenode", b.singleNode)
 	t.Run("crossnode", b.crossNode)
 
-	b.report.Seconds = time.Since(b.report.Started).Seconds()
+	b.report.Finish()
 	b.report.WriteTable(os.Stdout)
 	dir := os.Getenv("BENCH_RESULTS_DIR")
 	if dir == "" {
@@ -125,7 +167,8 @@ func (b *bench) startServers(t *testing.T, n *Node) {
 
 // startAgent starts an agent in n with a UAPI socket name of the lab's own (the socket lives in the
 // host's /var/run/wireguard, shared by every namespace) and waits until it serves both services.
-func (b *bench) startAgent(t *testing.T, lab *Lab, n *Node, servicesFile, resolvConf string) *Agent {
+// extra flags are appended.
+func (b *bench) startAgent(t *testing.T, lab *Lab, n *Node, servicesFile, resolvConf string, extra ...string) *Agent {
 	t.Helper()
 	a := StartAgent(t, n, AgentOptions{
 		Meshctl:      b.meshctl,
@@ -133,8 +176,9 @@ func (b *bench) startAgent(t *testing.T, lab *Lab, n *Node, servicesFile, resolv
 		ResolvConf:   resolvConf,
 		// The product's default: debug logging would cost the data path.
 		LogLevel: "info",
-		Extra:    []string{"--wg-interface", lab.Name(n.Role)},
+		Extra:    append([]string{"--wg-interface", lab.Name(n.Role)}, extra...),
 	})
+	b.daemons = append(b.daemons, daemon{"agent-" + n.Role, a.Proc})
 	took := a.WaitReady(t, 30*time.Second)
 	Eventually(t, 10*time.Second, 50*time.Millisecond, "catalog loaded", func() error {
 		rows := a.Services(t)
@@ -161,6 +205,7 @@ func upstreamResolvConf(t *testing.T, lab *Lab) string {
 }
 
 func (b *bench) singleNode(t *testing.T) {
+	b.daemons = nil
 	lab := NewLab(t)
 	lan := lab.LAN(t, "lan", netip.MustParsePrefix("10.77.1.0/24"))
 	client, backend := lab.Node(t, "client"), lab.Node(t, "backend")
@@ -190,6 +235,7 @@ func (b *bench) singleNode(t *testing.T) {
 }
 
 func (b *bench) crossNode(t *testing.T) {
+	b.daemons = nil
 	lab := NewLab(t)
 	lan := lab.LAN(t, "lan", netip.MustParsePrefix("10.77.2.0/24"))
 	node1, node2, pod := lab.Node(t, "node1"), lab.Node(t, "node2"), lab.Node(t, "pod1")
@@ -215,8 +261,12 @@ func (b *bench) crossNode(t *testing.T) {
 	services := filepath.Join(lab.Dir, "services.yaml")
 	WriteFileAtomic(t, services, RenderServices(benchCatalog("10.244.1.10", "node1"))+renderBenchNodes(nodes))
 	resolvConf := upstreamResolvConf(t, lab)
+	var extra []string
+	if b.overlayMTU != "" {
+		extra = []string{"--mtu", b.overlayMTU}
+	}
 	for _, n := range []*Node{node1, node2} {
-		a := b.startAgent(t, lab, n, services, resolvConf)
+		a := b.startAgent(t, lab, n, services, resolvConf, extra...)
 		if want := filepath.Join(lab.Dir, n.Role+"-state"); a.StateDir != want {
 			t.Fatalf("agent state directory is %s, keys were made in %s", a.StateDir, want)
 		}
@@ -288,7 +338,8 @@ func (b *bench) wireguardGo(t *testing.T, lab *Lab, a, c *Node) {
 			t.Fatalf("wg pubkey: %v", err)
 		}
 		e.pub = strings.TrimSpace(string(pub))
-		e.node.Start(t, "wireguard-go", "env", "WG_PROCESS_FOREGROUND=1", b.tools.WireGuardGo, "-f", e.ifName)
+		p := e.node.Start(t, "wireguard-go", "env", "WG_PROCESS_FOREGROUND=1", b.tools.WireGuardGo, "-f", e.ifName)
+		b.daemons = append(b.daemons, daemon{"wg-go-" + e.node.Role, p})
 	}
 	for i, e := range ends {
 		peer := ends[1-i]
@@ -304,6 +355,9 @@ func (b *bench) wireguardGo(t *testing.T, lab *Lab, a, c *Node) {
 			"endpoint", net.JoinHostPort(peer.lan, strconv.Itoa(benchWGPort)),
 			"allowed-ips", peer.inner+"/32")
 		e.node.MustExec(t, "ip", "addr", "add", e.inner+"/24", "dev", e.ifName)
+		if b.overlayMTU != "" {
+			e.node.MustExec(t, "ip", "link", "set", e.ifName, "mtu", b.overlayMTU)
+		}
 		e.node.MustExec(t, "ip", "link", "set", e.ifName, "up")
 	}
 }
@@ -336,6 +390,7 @@ func (b *bench) tcp(t *testing.T, name string, client *Node, host string, stream
 			"-P", strconv.Itoa(streams), "-J", "--connect-timeout", "5000"}
 		var s IperfSummary
 		var err error
+		cpu := b.cpuMeter()
 		for attempt := 1; ; attempt++ {
 			var out string
 			out, err = client.ExecTimeout(benchDuration+30*time.Second, args...)
@@ -350,9 +405,10 @@ func (b *bench) tcp(t *testing.T, name string, client *Node, host string, stream
 			b.report.Fail(name, err)
 			t.Fatalf("iperf3 to %s: %v", host, err)
 		}
-		b.report.Add(&Measurement{Name: name, Value: s.ReceivedBps / 1e9, Unit: "Gbit/s", Raw: s}, refs...)
-		t.Logf("%.3f Gbit/s (%d streams, %d retransmits, client CPU %.0f%%, server CPU %.0f%%)",
-			s.ReceivedBps/1e9, s.Streams, s.Retransmits, s.HostCPU, s.RemoteCPU)
+		m := &Measurement{Name: name, Value: s.ReceivedBps / 1e9, Unit: "Gbit/s", Raw: s, CPU: cpu()}
+		b.report.Add(m, refs...)
+		t.Logf("%.3f Gbit/s (%d streams, %d retransmits, client CPU %.0f%%, server CPU %.0f%%; daemons: %s)",
+			s.ReceivedBps/1e9, s.Streams, s.Retransmits, s.HostCPU, s.RemoteCPU, formatCPU(m.CPU))
 	})
 }
 
@@ -380,6 +436,7 @@ func parseIperfOutput(out string, runErr error) (IperfSummary, error) {
 func (b *bench) benchtool(t *testing.T, mode, name string, client *Node, host string, refs ...string) {
 	t.Run(name, func(t *testing.T) {
 		target := net.JoinHostPort(host, strconv.Itoa(benchEcho))
+		cpu := b.cpuMeter()
 		out, err := client.ExecTimeout(benchDuration+30*time.Second, b.tools.Benchtool, mode,
 			"--target", target, "--duration", benchDuration.String())
 		var r BenchtoolResult
@@ -401,10 +458,11 @@ func (b *bench) benchtool(t *testing.T, mode, name string, client *Node, host st
 			}
 			return rs
 		}
-		b.report.Add(&Measurement{Name: name, Value: r.PerSec, Unit: unit, Raw: r}, refs...)
+		m := &Measurement{Name: name, Value: r.PerSec, Unit: unit, Raw: r, CPU: cpu()}
+		b.report.Add(m, refs...)
 		b.report.Add(&Measurement{Name: name + ".p50", Value: r.P50Micro, Unit: "µs"}, suffixed(".p50")...)
 		b.report.Add(&Measurement{Name: name + ".p99", Value: r.P99Micro, Unit: "µs"}, suffixed(".p99")...)
-		t.Logf("%.0f %s, p50 %.0f µs, p99 %.0f µs, %d errors", r.PerSec, unit, r.P50Micro, r.P99Micro, r.Errors)
+		t.Logf("%.0f %s, p50 %.0f µs, p99 %.0f µs, %d errors; daemons: %s", r.PerSec, unit, r.P50Micro, r.P99Micro, r.Errors, formatCPU(m.CPU))
 		if r.Errors > 0 {
 			b.report.Fail(name, fmt.Errorf("%d of %d connections failed", r.Errors, r.Errors+r.Count))
 			t.Errorf("%d of %d connections failed", r.Errors, r.Errors+r.Count)

@@ -5,6 +5,9 @@
 #
 # usage: scripts/bench.sh [go test flags...]   (e.g. -run 'TestBench/singlenode')
 #
+# environment: BENCH_OVERLAY_MTU=N runs the cross-node agents (and the reference wireguard-go) with
+# MTU N instead of the product's default; the report records it.
+#
 # Needs root and the tools of `scripts/install-deps.sh --bench`; `make bench` installs them and
 # builds first. A full run takes about five minutes. The numbers are measurements, not pass/fail
 # thresholds: the run fails only when a transfer fails.

@@ -57,7 +57,7 @@
 //	type 1 handshake initiation  exactly 148 bytes
 //	type 2 handshake response    exactly  92 bytes
 //	type 3 cookie reply          exactly  64 bytes
-//	type 4 transport data        at least 32 bytes, and (length-16) a multiple of 16
+//	type 4 transport data        at least 32 bytes (padding stops at the MTU: any length)
 //
 // Every other non-empty datagram is not WireGuard: it is handed to Config.OnPacket (or dropped and
 // counted without one) and hidden from wireguard-go by setting its size to 0, which wireguard-go

@@ -184,7 +184,7 @@ func TestMalformedFromNetwork(t *testing.T) {
 		{"initiation one byte short", wgMsg(wgTypeInitiation, wgSizeInitiation-1), false},
 		{"response one byte long", wgMsg(wgTypeResponse, wgSizeResponse+1), false},
 		{"cookie reply reserved byte set", withByte(wgMsg(wgTypeCookieReply, wgSizeCookieReply), 2, 0x80), false},
-		{"transport not a multiple of 16", wgMsg(wgTypeTransport, 100), false},
+		{"transport at full MTU, not a multiple of 16 (1420-byte packet)", wgMsg(wgTypeTransport, 1452), true},
 		{"type 5", wgMsg(5, 148), false},
 		{"one byte", []byte{1}, false},
 		{"text", []byte("GET / HTTP/1.1\r\n\r\n"), false},

@@ -43,7 +43,8 @@ func isWireGuard(pkt []byte) bool {
 	case wgTypeCookieReply:
 		return len(pkt) == wgSizeCookieReply
 	case wgTypeTransport:
-		return len(pkt) >= wgSizeTransportMin && (len(pkt)-wgSizeTransportHeader)%16 == 0
+		// Not a multiple of 16: wireguard-go pads to 16 only up to the MTU, so full-size packets are not.
+		return len(pkt) >= wgSizeTransportMin
 	}
 	return false
 }
