@@ -7,6 +7,7 @@ import (
 	"path/filepath"
 	"regexp"
 	"sort"
+	"strconv"
 	"strings"
 	"testing"
 	"time"
@@ -130,18 +131,29 @@ func (a *Agent) ServiceEndpoints(t testing.TB) map[string][]EndpointRow {
 	return m
 }
 
-// CapturePath is the pcap file Node.Capture writes for iface in n.
-func CapturePath(n *Node, iface string) string {
-	return filepath.Join(n.lab.Dir, fmt.Sprintf("%s-%s.pcap", n.Role, iface))
+// CaptureAll starts tcpdump on iface in n, writing every packet to a pcap file in the lab's
+// directory, and returns once tcpdump listens. Unlike Node.Capture it uses immediate mode: without
+// it, tcpdump hands packets over in blocks (up to a second late on a quiet link) and loses the last
+// block when it is stopped.
+func CaptureAll(t testing.TB, n *Node, iface string) (p *Proc, pcap string) {
+	t.Helper()
+	pcap = filepath.Join(n.lab.Dir, fmt.Sprintf("%s-%s-all.pcap", n.Role, iface))
+	p = n.Start(t, "tcpdump-all-"+iface, "tcpdump", "-n", "-U", "--immediate-mode", "-i", iface, "-w", pcap)
+	p.WaitLog(t, "listening on", 10*time.Second)
+	return p, pcap
 }
 
 // PcapSummary classifies the packets of a LAN capture read back with `tcpdump -n -r`.
 type PcapSummary struct {
 	// UDP counts UDP datagrams by "src > dst" (ip.port) whose ports are both port.
 	UDP map[string]int
-	// Control counts link-level control traffic that is not the mesh's: ARP and IPv6 neighbour,
-	// router and multicast-listener messages (ICMPv6) that the kernel sends on its own.
+	// Control counts link-level control traffic that is not the mesh's: ARP, IGMP, and IPv6
+	// neighbour, router and multicast-listener messages (ICMPv6) that the kernel sends on its own.
 	Control int
+	// PortUnreachable counts ICMP "udp port PORT unreachable" errors: a node's WireGuard datagram
+	// that reached a node whose agent was not (yet, or any more) listening. They quote only the
+	// start of the encrypted datagram.
+	PortUnreachable int
 	// Other are the lines of every other packet.
 	Other []string
 }
@@ -169,7 +181,10 @@ func (s PcapSummary) Pairs() string {
 	return strings.TrimSuffix(b.String(), "; ")
 }
 
-var udpLine = regexp.MustCompile(`^\S+ IP (\d+\.\d+\.\d+\.\d+)\.(\d+) > (\d+\.\d+\.\d+\.\d+)\.(\d+): UDP, length \d+$`)
+var (
+	udpLine         = regexp.MustCompile(`^\S+ IP (\d+\.\d+\.\d+\.\d+)\.(\d+) > (\d+\.\d+\.\d+\.\d+)\.(\d+): UDP, length \d+$`)
+	unreachableLine = regexp.MustCompile(`^\S+ IP \d+\.\d+\.\d+\.\d+ > \d+\.\d+\.\d+\.\d+: ICMP \d+\.\d+\.\d+\.\d+ udp port (\d+) unreachable, length \d+$`)
+)
 
 // ClassifyPcap reads `tcpdump -n -r` output (one packet per line, no -A or -X).
 func ClassifyPcap(out string, port string) PcapSummary {
@@ -183,9 +198,15 @@ func ClassifyPcap(out string, port string) PcapSummary {
 			s.UDP[m[1]+" > "+m[3]]++
 			continue
 		}
+		if m := unreachableLine.FindStringSubmatch(line); m != nil && m[1] == port {
+			s.PortUnreachable++
+			continue
+		}
 		f := strings.Fields(line)
 		switch {
 		case len(f) > 1 && f[1] == "ARP,":
+			s.Control++
+		case len(f) > 5 && f[1] == "IP" && f[5] == "igmp":
 			s.Control++
 		case len(f) > 1 && f[1] == "IP6" && strings.Contains(line, "ICMP6"):
 			s.Control++
@@ -215,4 +236,84 @@ func Median(ds []time.Duration) time.Duration {
 	}
 	sort.Slice(ds, func(i, j int) bool { return ds[i] < ds[j] })
 	return ds[len(ds)/2]
+}
+
+// request is one curl from a node: its status code, X-Backend and total time.
+type request struct {
+	start, end time.Time // set by curlOnce only
+	code       string
+	backend    string
+	took       time.Duration // curl's time_total
+	err        error         // set by curlOnce only
+	out        string        // set by curlOnce only
+}
+
+func (r request) ok() bool { return r.err == nil && r.code == "200" && r.backend != "" }
+
+// curlFormat makes curl print one RESULT line per request, parsed by parseRequests.
+const curlFormat = "\nRESULT %{http_code} %{time_total} %header{x-backend}\n"
+
+func parseRequests(out string) []request {
+	var rs []request
+	for line := range strings.Lines(out) {
+		f := strings.Fields(line)
+		if len(f) < 3 || f[0] != "RESULT" {
+			continue
+		}
+		r := request{code: f[1]}
+		if secs, err := strconv.ParseFloat(f[2], 64); err == nil {
+			r.took = time.Duration(secs * float64(time.Second))
+		}
+		if len(f) > 3 {
+			r.backend = f[3]
+		}
+		rs = append(rs, r)
+	}
+	return rs
+}
+
+// curlOnce makes one request (a new connection) from n.
+func curlOnce(n *Node, url string) request {
+	start := time.Now()
+	out, err := n.Exec("curl", "-sS", "-m", "5", "-o", "/dev/null", "-H", "Connection: close", "-w", curlFormat, url)
+	var r request
+	if rs := parseRequests(out); len(rs) == 1 {
+		r = rs[0]
+	}
+	r.start, r.end, r.err, r.out = start, time.Now(), err, out
+	return r
+}
+
+// curlMesh requests url n times from node with one curl process (URL globbing, a connection each).
+func curlMesh(t testing.TB, node *Node, url string, n int) []request {
+	t.Helper()
+	out, err := node.ExecTimeout(2*time.Minute, "curl", "-sS", "-m", "5", "-H", "Connection: close", "-o", "/dev/null",
+		"-w", curlFormat, fmt.Sprintf("%s?i=[1-%d]", url, n))
+	rs := parseRequests(out)
+	if len(rs) != n {
+		t.Fatalf("curl %s x%d: %d results (err %v)\n%s", url, n, len(rs), err, lastLines(out, 20))
+	}
+	return rs
+}
+
+// wgPeerBlocks splits `wg show` output into its peer sections, keyed by public key.
+func wgPeerBlocks(out string) map[string]string {
+	blocks := map[string]string{}
+	var key string
+	var b strings.Builder
+	flush := func() {
+		if key != "" {
+			blocks[key] = b.String()
+		}
+		b.Reset()
+	}
+	for line := range strings.Lines(out) {
+		if rest, ok := strings.CutPrefix(line, "peer: "); ok {
+			flush()
+			key = strings.Fields(rest)[0]
+		}
+		b.WriteString(line)
+	}
+	flush()
+	return blocks
 }

@@ -347,6 +347,9 @@ func (a *Agent) apply(s *discovery.Snapshot) {
 	a.proxy.Update(s)
 	a.dns.Update(s)
 	a.snap.Store(s)
+	if m := a.meshP.Load(); m != nil {
+		m.apply(s)
+	}
 	now := time.Now()
 	a.snapTime.Store(&now)
 	var eps int

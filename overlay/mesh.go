@@ -38,14 +38,6 @@ type peer struct {
 	relays    []path.RelayRoute
 }
 
-// firstGuess is the endpoint to try before any path answered: a LAN address, else the reflexive one.
-func (p *peer) firstGuess() netip.AddrPort {
-	if len(p.lan) > 0 {
-		return p.lan[0]
-	}
-	return p.reflexive
-}
-
 // directory is the node directory derived from one snapshot: immutable once built.
 type directory struct {
 	byName map[string]*peer
@@ -127,10 +119,14 @@ type mesh struct {
 	relayAddrs []string
 	joinToken  string
 
+	closeOnce sync.Once
+
 	mu        sync.Mutex // guards all following fields
 	peers     map[identity.Key]*peer
 	snap      *discovery.Snapshot      // the catalog's last snapshot
 	relayDirs map[int][]relay.DirEntry // each relay's last directory
+	keepalive map[identity.Key]*keepaliveState
+	done      chan struct{} // closed by close: stops the keepalive loop
 }
 
 func newMesh(cfg *Config, id *identity.Identity, overlay netip.Addr) *mesh {
@@ -152,6 +148,8 @@ func newMesh(cfg *Config, id *identity.Identity, overlay netip.Addr) *mesh {
 		joinToken:  cfg.JoinToken,
 		snap:       &discovery.Snapshot{},
 		relayDirs:  make(map[int][]relay.DirEntry),
+		keepalive:  make(map[identity.Key]*keepaliveState),
+		done:       make(chan struct{}),
 	}
 	m.dir.Store(&directory{byName: map[string]*peer{}, local: map[localTarget]struct{}{}})
 	return m
@@ -196,8 +194,9 @@ func (m *mesh) start(tunDev wgtun.Device, tunDevice string) error {
 		f.Close()
 		return fmt.Errorf("wireguard: UAPI listen %s: %w", m.wgName, err)
 	}
-	m.wg.Add(1)
+	m.wg.Add(2)
 	go m.serveUAPI()
+	go m.keepaliveLoop()
 
 	m.listener, err = forward.NewListener(forward.ListenerConfig{
 		Logger: m.root,
@@ -246,6 +245,7 @@ func (m *mesh) serveUAPI() {
 // waits. It is safe on a partly started mesh.
 func (m *mesh) close() error {
 	var errs []error
+	m.closeOnce.Do(func() { close(m.done) })
 	if m.relays != nil {
 		errs = append(errs, m.relays.Close())
 	}
@@ -299,20 +299,14 @@ func (m *mesh) rebuildLocked() {
 		if old, ok := m.peers[p.key]; ok && old.overlay == p.overlay {
 			continue
 		}
+		// No endpoint and no keepalive yet: see setEndpoint.
 		fmt.Fprintf(&b, "public_key=%s\nreplace_allowed_ips=true\nallowed_ip=%s/128\n", hex.EncodeToString(p.key[:]), p.overlay)
-		if _, known := m.peers[p.key]; !known {
-			// A first guess, so the first handshake leaves at once instead of failing and waiting
-			// wireguard-go's 5 s retry; the path manager replaces it once a path answers.
-			if guess := p.firstGuess(); guess.IsValid() {
-				fmt.Fprintf(&b, "endpoint=%s\n", guess)
-			}
-		}
-		fmt.Fprintf(&b, "persistent_keepalive_interval=%d\n", PersistentKeepalive)
 		m.logger.Info("peer added", "node", p.name, "key", p.key.String(), "overlay", p.overlay, "lan", p.lan)
 	}
 	for k, old := range m.peers {
 		if _, ok := want[k]; !ok {
 			fmt.Fprintf(&b, "public_key=%s\nremove=true\n", hex.EncodeToString(k[:]))
+			delete(m.keepalive, k)
 			m.logger.Info("peer removed", "node", old.name, "key", k.String())
 		}
 	}

@@ -3,7 +3,6 @@ package overlay
 import (
 	"context"
 	"encoding/base64"
-	"encoding/hex"
 	"fmt"
 	"net"
 	"net/netip"
@@ -52,11 +51,6 @@ func (m *mesh) newPaths() error {
 	}
 	m.paths = path.NewManager(cfg)
 	return nil
-}
-
-// setEndpoint points wireguard-go's peer at endpoint; update_only never resurrects a removed peer.
-func (m *mesh) setEndpoint(peer [32]byte, endpoint string) error {
-	return m.dev.IpcSet(fmt.Sprintf("public_key=%s\nupdate_only=true\nendpoint=%s\n", hex.EncodeToString(peer[:]), endpoint))
 }
 
 // currentEndpoint is the endpoint wireguard-go uses for peer now ("" when none).

@@ -114,8 +114,9 @@ type ManagerConfig struct {
 	// PrivateKey and PublicKey are the node's WireGuard static keys. The PING/PONG MAC key of a
 	// peer is derived from X25519(PrivateKey, peer's key) (see the package doc).
 	PrivateKey, PublicKey [32]byte
-	// SetEndpoint gives wireguard-go a peer's endpoint (the agent calls IpcSet); required.
-	SetEndpoint func(peer [32]byte, endpoint string) error
+	// SetEndpoint gives wireguard-go a peer's endpoint (the agent calls IpcSet); required. kind is
+	// the path's kind: KindNone for a guess that has not answered yet.
+	SetEndpoint func(peer [32]byte, endpoint string, kind Kind) error
 	// Endpoint, when set, returns the endpoint wireguard-go uses now for peer (from IpcGet): the
 	// chosen one is re-applied only if wireguard-go roamed away from it. nil: the chosen endpoint
 	// is re-applied at every roaming check.

@@ -95,7 +95,7 @@ func (l *lab) addNode(name, addr string, nat *pathtest.NAT) *labNode {
 		Bind:       n.bind,
 		PrivateKey: n.priv,
 		PublicKey:  n.pub,
-		SetEndpoint: func(peer [32]byte, ep string) error {
+		SetEndpoint: func(peer [32]byte, ep string, _ Kind) error {
 			n.mu.Lock()
 			n.endpoint[peer] = ep
 			n.mu.Unlock()
@@ -446,7 +446,7 @@ func TestMalformedCounted(t *testing.T) {
 // TestManagerLifecycle: New starts nothing, Close is idempotent, a closed Manager refuses Start.
 func TestManagerLifecycle(t *testing.T) {
 	b := NewBind(Config{Inner: pathtest.NewNetwork().NewBind(netip.MustParseAddr("10.0.0.1"), nil)})
-	m := NewManager(ManagerConfig{Bind: b, SetEndpoint: func([32]byte, string) error { return nil }})
+	m := NewManager(ManagerConfig{Bind: b, SetEndpoint: func([32]byte, string, Kind) error { return nil }})
 	if err := m.Close(); err != nil {
 		t.Fatalf("Close before Start: %v", err)
 	}

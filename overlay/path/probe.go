@@ -50,13 +50,14 @@ func (c *candidate) kind() Kind {
 
 // peerState is one peer. Guarded by Manager.mu.
 type peerState struct {
-	info    PeerInfo
-	macKey  []byte
-	added   time.Time
-	cands   []*candidate // LAN, reflexive, peer-reflexive/punch, relay
-	chosen  *candidate
-	applied netip.AddrPort // last endpoint SetEndpoint accepted
-	checked time.Time      // last roaming check
+	info        PeerInfo
+	macKey      []byte
+	added       time.Time
+	cands       []*candidate // LAN, reflexive, peer-reflexive/punch, relay
+	chosen      *candidate
+	applied     netip.AddrPort // last endpoint SetEndpoint accepted
+	appliedKind Kind           // and its kind then: a guess that starts answering is applied again
+	checked     time.Time      // last roaming check
 
 	lastPunchReq  time.Time
 	punchInFlight bool // a RequestPunch call is running
@@ -384,7 +385,7 @@ func (m *Manager) step() {
 		m.chooseLocked(p)
 		if c := p.chosen; c != nil {
 			switch {
-			case c != prev || c.addr != p.applied:
+			case c != prev || c.addr != p.applied || m.kindOfChoiceLocked(c) != p.appliedKind:
 				applies = append(applies, apply{key, p.info.Name, c.addr, m.kindOfChoiceLocked(c), true})
 				p.checked = now
 			case now.Sub(p.checked) >= m.t.alive:
@@ -402,10 +403,10 @@ func (m *Manager) step() {
 				continue
 			}
 		}
-		err := m.cfg.SetEndpoint(a.key, a.addr.String())
+		err := m.cfg.SetEndpoint(a.key, a.addr.String(), a.kind)
 		m.mu.Lock()
 		if p := m.peers[a.key]; p != nil && err == nil {
-			p.applied = a.addr
+			p.applied, p.appliedKind = a.addr, a.kind
 		}
 		m.mu.Unlock()
 		switch {

@@ -253,7 +253,7 @@ func TestWireGuardThroughRelay(t *testing.T) {
 		dev := n.dev
 		n.mgr = NewManager(ManagerConfig{
 			Bind: n.bind, PrivateKey: n.priv, PublicKey: n.pub, ProbeInterval: testProbeInterval, Logger: debugLogger(tlogWriter{t}),
-			SetEndpoint: func(peer [32]byte, ep string) error {
+			SetEndpoint: func(peer [32]byte, ep string, _ Kind) error {
 				return dev.IpcSet(fmt.Sprintf("public_key=%x\nupdate_only=true\nendpoint=%s\n", peer, ep))
 			},
 		})
