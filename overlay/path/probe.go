@@ -370,6 +370,13 @@ func (m *Manager) step() {
 			if c.probeTx != 0 {
 				continue
 			}
+			if (c.src == srcReflexive || c.src == srcPunch) && !c.alive {
+				// A peer's public address behind a NAT is probed only in a coordinated punch, after
+				// the own mapping is primed: a lone probe that reaches the peer's NAT first leaves a
+				// conntrack entry there that makes the NAT move the peer's own mapping to another
+				// port, and a probe every interval would keep that entry alive for good.
+				continue
+			}
 			due := c.lastSent.Add(m.t.probe)
 			switch {
 			case c.alive && c.misses > 0:
@@ -487,6 +494,7 @@ func (m *Manager) maybeRequestPunchLocked(p *peerState, now time.Time, force boo
 	}
 	p.lastPunchReq, p.punchInFlight = now, true
 	name := p.info.Name
+	m.log.Info("requesting punch", "peer", name, "relay", r, "reflexive", p.info.Reflexive)
 	m.wg.Add(1)
 	go func() {
 		defer m.wg.Done()
@@ -494,7 +502,7 @@ func (m *Manager) maybeRequestPunchLocked(p *peerState, now time.Time, force boo
 		err := m.cfg.RequestPunch(ctx, r, name)
 		cancel()
 		if err != nil && m.ctx.Err() == nil {
-			m.log.Debug("request punch", "peer", name, "relay", r, "err", err)
+			m.log.Info("request punch failed", "peer", name, "relay", r, "err", err)
 		}
 		m.mu.Lock()
 		p.punchInFlight = false

@@ -24,6 +24,7 @@ func (m *Manager) OnPunch(relayIndex int, p Punch) {
 		return
 	}
 	ps.punching = true
+	m.log.Info("punching", "peer", p.Peer, "relay", relayIndex, "reflexive", p.PeerReflexive, "lan", p.PeerLAN, "delay", p.Delay)
 	var targets []netip.AddrPort
 	if a := p.PeerReflexive; a.IsValid() {
 		a = netip.AddrPortFrom(a.Addr().Unmap(), a.Port())
