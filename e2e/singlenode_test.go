@@ -245,11 +245,3 @@ func countBackends(results []curlResult) (counts map[string]int, failed []curlRe
 	}
 	return counts, failed
 }
-
-func lastLines(s string, n int) string {
-	lines := strings.Split(strings.TrimRight(s, "\n"), "\n")
-	if len(lines) > n {
-		lines = lines[len(lines)-n:]
-	}
-	return strings.Join(lines, "\n")
-}

@@ -126,7 +126,10 @@ type ManagerConfig struct {
 	RequestPunch func(ctx context.Context, relay int, peer string) error
 	// ProbeInterval is how often unconfirmed candidates are probed (default 2s). Alive paths are
 	// re-checked every 2.5 intervals (5s), a probe is missed after half an interval without PONG,
-	// relays get a BIND every 10 intervals (20s), and punches are requested at most every 5.
+	// relays get a BIND every 10 intervals (20s), and punches are requested at most every 5. A
+	// punch waits an eighth of an interval (250ms) between priming the own NAT mapping and its
+	// first full-TTL PING: longer than the error of the relay's timing, so that neither side's
+	// PINGs reach the other's NAT before the other side has primed.
 	ProbeInterval time.Duration
 	// PunchTTL is the TTL of the datagrams that open the own NAT mapping before a punch (default
 	// 2: one routed hop past the own router; see DESIGN.md).
@@ -150,7 +153,7 @@ const (
 
 // timing holds the intervals derived from ProbeInterval.
 type timing struct {
-	probe, alive, pongTimeout, tick, bind, punchBackoff, punchFor, ping time.Duration
+	probe, alive, pongTimeout, tick, bind, punchBackoff, punchFor, ping, primeLead time.Duration
 }
 
 func newTiming(probe time.Duration) timing {
@@ -163,6 +166,7 @@ func newTiming(probe time.Duration) timing {
 		punchBackoff: probe * 5,
 		punchFor:     max(probe, 20*punchEvery),
 		ping:         probe / 2,
+		primeLead:    probe / 8,
 	}
 }
 

@@ -12,9 +12,10 @@ import (
 
 // OnPunch carries out a punch a relay signalled: after p.Delay it opens the own NAT mapping
 // towards p.PeerReflexive with a few datagrams whose TTL (PunchTTL) only passes the own router,
-// sent from the WireGuard socket's port through a raw socket, then sends full-TTL PINGs to the
-// peer's reflexive and LAN addresses every 75ms for about a probe interval (at least 1.5s). It
-// returns at once; a punch for a peer that is already punching is ignored.
+// sent from the WireGuard socket's port through a raw socket, waits primeLead so that the peer's
+// own prime has surely left too, then sends full-TTL PINGs to the peer's reflexive and LAN
+// addresses every 75ms for about a probe interval (at least 1.5s). It returns at once; a punch for
+// a peer that is already punching is ignored.
 func (m *Manager) OnPunch(relayIndex int, p Punch) {
 	m.mu.Lock()
 	defer m.mu.Unlock()
@@ -75,9 +76,16 @@ func (m *Manager) punch(p *peerState, reflexive netip.AddrPort, delay time.Durat
 		m.mu.Lock()
 		frame := relay.AppendPing(nil, relay.Ping{Sender: m.cfg.PublicKey}, p.macKey)
 		m.mu.Unlock()
+		// Both sides prime at the signalled moment, but the relay's timing is only as good as its
+		// RTT estimates and the scheduling of both agents: a full-TTL PING sent right after the
+		// own prime can reach the peer's NAT before the peer's prime has left, and the peer's
+		// mapping is then moved (measured in the NAT lab: a1's PING reached natB 0.27ms before
+		// b1's prime left). Waiting primeLead lets the peer's prime go out first.
 		port := m.bind.Port()
 		if err := m.prime(port, reflexive, m.cfg.PunchTTL, frame); err != nil {
 			m.log.Debug("prime own mapping", "peer", p.info.Name, "err", err)
+		} else if !sleepCtx(m.ctx, m.t.primeLead) {
+			return
 		}
 	}
 	ticker := time.NewTicker(punchEvery)
