@@ -477,7 +477,8 @@ func (m *Manager) maybeRequestPunchLocked(p *peerState, now time.Time, force boo
 	if m.cfg.RequestPunch == nil || p.punchInFlight || p.punching || !p.info.Reflexive.IsValid() || m.closed || !m.started {
 		return
 	}
-	if !force && (now.Sub(p.lastPunchReq) < m.t.punchBackoff || now.Sub(p.added) < 2*m.t.probe) {
+	// Half a probe interval gives the LAN candidates, probed at once, time to answer first.
+	if !force && (now.Sub(p.lastPunchReq) < m.t.punchBackoff || now.Sub(p.added) < m.t.probe/2) {
 		return
 	}
 	r := -1
