@@ -507,6 +507,17 @@ func (o *overlayLAN) testForwardRefused(t *testing.T) {
 			return nil
 		})
 	})
+	t.Run("refusals counted in node1's status", func(t *testing.T) {
+		var st struct {
+			Forward struct {
+				Refused uint64 `json:"refused"`
+			} `json:"forward"`
+		}
+		node1.agent.CtlJSON(t, &st, "status")
+		if st.Forward.Refused < 4 {
+			t.Errorf("meshctl status: forward.refused = %d, want at least the 4 refused probes", st.Forward.Refused)
+		}
+	})
 }
 
 // testLargeBodies downloads bodies of more than one TCP segment through the overlay: their segments

@@ -66,6 +66,15 @@ func (b *backend) Status() control.Status {
 			st.PublicKey, st.Overlay, st.ListenPort, st.Peers = wg.PublicKey, wg.Overlay, wg.ListenPort, wg.Peers
 		}
 		st.Relays = m.relayStatus()
+		if m.listener != nil {
+			fs := m.listener.Stats()
+			st.Forward = control.ForwardStats{TCPAccepted: fs.TCPAccepted, UDPAccepted: fs.UDPAccepted,
+				Refused: fs.Refused, BadHeader: fs.BadHeader, DialFailures: fs.DialFailures}
+		}
+		if m.bind != nil {
+			bs := m.bind.Stats()
+			st.DroppedDatagrams = bs.OtherDropped + bs.RelayedInDropped
+		}
 		if r := m.paths.Reflexive(); r.IsValid() {
 			st.Reflexive = r.String()
 		}

@@ -46,6 +46,11 @@ agent answers on the control socket, so "meshctl status --json" doubles as a rea
 				st.Flows.OK, st.Flows.NoService, st.Flows.NoEndpoints, st.Flows.DialFailures, st.Flows.Retries,
 				st.Flows.ActiveTCP, st.Flows.ActiveUDP)
 			fmt.Fprintf(t, "WireGuard:\t%s, overlay %s, port %d\n", st.PublicKey, st.Overlay, st.ListenPort)
+			fmt.Fprintf(t, "Forwarded to local endpoints:\t%d tcp, %d udp; refused %d, bad header %d, dial failures %d\n",
+				st.Forward.TCPAccepted, st.Forward.UDPAccepted, st.Forward.Refused, st.Forward.BadHeader, st.Forward.DialFailures)
+			if st.DroppedDatagrams > 0 {
+				fmt.Fprintf(t, "Dropped datagrams:\t%d (neither WireGuard nor a path frame)\n", st.DroppedDatagrams)
+			}
 			if st.Reflexive != "" {
 				fmt.Fprintf(t, "Reflexive:\t%s\n", st.Reflexive)
 			}

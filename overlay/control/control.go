@@ -48,6 +48,20 @@ type Status struct {
 	// Relays are the relay registrations; Reflexive is this node's WireGuard socket as a relay sees it.
 	Relays    []string `json:"relays,omitempty"`
 	Reflexive string   `json:"reflexive,omitempty"`
+	// Forward counts the requests other agents sent this node's forward listener.
+	Forward ForwardStats `json:"forward"`
+	// DroppedDatagrams counts datagrams on the WireGuard socket that were neither WireGuard nor a
+	// path frame the agent could use.
+	DroppedDatagrams uint64 `json:"droppedDatagrams"`
+}
+
+// ForwardStats counts the forward listener's requests.
+type ForwardStats struct {
+	TCPAccepted  uint64 `json:"tcpAccepted"`
+	UDPAccepted  uint64 `json:"udpAccepted"`
+	Refused      uint64 `json:"refused"`
+	BadHeader    uint64 `json:"badHeader"`
+	DialFailures uint64 `json:"dialFailures"`
 }
 
 // WireGuard is the node's WireGuard device as `wg show` sees it, with node names.
