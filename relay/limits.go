@@ -13,7 +13,8 @@ type ACL interface {
 // Limits bounds what each node may use. The zero value of each field means its default.
 type Limits struct {
 	// DataRate is the sustained rate, in bytes per second, of DATA frames a node may send through
-	// the relay (default 12.5e6, 100 Mbit/s); DataBurst the bucket size in bytes (default 1 MiB).
+	// the relay (default 125e6, 1 Gbit/s: a relay carries data paths, not just signalling); DataBurst
+	// the bucket size in bytes (default 4 MiB).
 	// Frames over the limit are dropped and counted.
 	DataRate  float64
 	DataBurst int
@@ -33,8 +34,8 @@ type Limits struct {
 // DefaultLimits returns the limits used for zero fields.
 func DefaultLimits() Limits {
 	return Limits{
-		DataRate:        100e6 / 8,
-		DataBurst:       1 << 20,
+		DataRate:        1e9 / 8,
+		DataBurst:       4 << 20,
 		PunchRate:       5,
 		PunchBurst:      20,
 		MaxNodes:        10000,
