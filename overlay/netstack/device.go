@@ -10,13 +10,11 @@ import (
 	"gvisor.dev/gvisor/pkg/buffer"
 	"gvisor.dev/gvisor/pkg/tcpip"
 	"gvisor.dev/gvisor/pkg/tcpip/header"
-	"gvisor.dev/gvisor/pkg/tcpip/link/channel"
 	"gvisor.dev/gvisor/pkg/tcpip/stack"
 )
 
-// This file is the Stack's tun.Device side: packets in (Write) and out (Read), and the gVisor link
-// endpoint between them. The link endpoint is gVisor's channel endpoint for now; a batching/GSO endpoint
-// replaces it by changing only linkEndpoint.
+// This file is the Stack's tun.Device side: packets in (Write) and out (Read). The gVisor link endpoint
+// between them is in link.go.
 
 const (
 	// outQueueLen is how many emitted packets the link endpoint queues before the stack sees
@@ -26,23 +24,19 @@ const (
 	batchSize = 128
 )
 
-// linkEndpoint is the gVisor link endpoint of the Stack's only NIC.
-type linkEndpoint struct {
-	*channel.Endpoint
-}
-
-func newLinkEndpoint(mtu int) *linkEndpoint {
-	return &linkEndpoint{Endpoint: channel.New(outQueueLen, uint32(mtu), "")}
-}
-
 // Write delivers IP packets (bufs[i][offset:]) into the stack. Packets that are not well-formed IPv4 or
 // IPv6 are dropped and counted (Stats.DroppedMalformed), and so are packets to addresses the stack does not
 // serve (Stats.DroppedNotServed); a drop is not an error. Write returns len(bufs) and nil, or os.ErrClosed
 // after Close.
+//
+// The packets' checksums are not verified: they come from the local kernel, over the TUN, and the kernel
+// (or wireguard-go's TUN, when it splits a TSO super-packet) has computed them.
 func (s *Stack) Write(bufs [][]byte, offset int) (int, error) {
 	if s.down.Load() {
 		return 0, os.ErrClosed
 	}
+	var arr [batchSize]*stack.PacketBuffer
+	pkts := arr[:0]
 	for _, b := range bufs {
 		if offset < 0 || len(b) <= offset {
 			s.droppedMalformed.Add(1)
@@ -61,9 +55,18 @@ func (s *Stack) Write(bufs [][]byte, offset int) (int, error) {
 			continue
 		}
 		pb := stack.NewPacketBuffer(stack.PacketBufferOptions{Payload: buffer.MakeWithData(pkt)})
-		s.link.InjectInbound(proto, pb)
-		pb.DecRef()
-		s.packetsIn.Add(1)
+		pb.NetworkProtocolNumber = proto
+		pb.RXChecksumValidated = true
+		pkts = append(pkts, pb)
+		if len(pkts) == cap(pkts) {
+			s.link.deliver(pkts)
+			s.packetsIn.Add(uint64(len(pkts)))
+			pkts = pkts[:0]
+		}
+	}
+	if len(pkts) > 0 {
+		s.link.deliver(pkts)
+		s.packetsIn.Add(uint64(len(pkts)))
 	}
 	return len(bufs), nil
 }
@@ -75,16 +78,17 @@ func (s *Stack) Read(bufs [][]byte, sizes []int, offset int) (int, error) {
 	if len(bufs) == 0 {
 		return 0, nil
 	}
+	var arr [batchSize]*stack.PacketBuffer
 	for {
 		if s.down.Load() {
 			return 0, os.ErrClosed
 		}
-		pb := s.link.ReadContext(s.ctx)
-		if pb == nil {
+		m := s.link.read(s.ctx, arr[:min(len(bufs), len(arr))])
+		if m == 0 {
 			return 0, os.ErrClosed
 		}
 		n := 0
-		for pb != nil {
+		for _, pb := range arr[:m] {
 			if size, ok := copyPacket(bufs[n][offset:], pb); ok {
 				sizes[n] = size
 				n++
@@ -93,11 +97,8 @@ func (s *Stack) Read(bufs [][]byte, sizes []int, offset int) (int, error) {
 				s.logf(slog.LevelDebug, "dropped outbound packet larger than the read buffer", "len", pb.Size(), "buffer", len(bufs[n])-offset)
 			}
 			pb.DecRef()
-			if n == len(bufs) {
-				break
-			}
-			pb = s.link.Read()
 		}
+		clear(arr[:m])
 		if n > 0 {
 			s.packetsOut.Add(uint64(n))
 			return n, nil

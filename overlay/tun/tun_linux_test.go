@@ -27,7 +27,7 @@ func uniqueName() string {
 
 // inNetns runs fn on a thread moved into a fresh network namespace, then restores the thread's namespace
 // and closes (so deletes) the new one. It needs root (CAP_SYS_ADMIN, CAP_NET_ADMIN) and fails without.
-func inNetns(t *testing.T, fn func(nl *netlink.Handle)) {
+func inNetns(t testing.TB, fn func(nl *netlink.Handle)) {
 	t.Helper()
 	if _, err := os.Stat("/dev/net/tun"); err != nil {
 		t.Fatalf("this test needs /dev/net/tun and root: %v", err)
