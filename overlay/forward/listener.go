@@ -15,6 +15,7 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/edgewire/edgewire/discovery"
+	"github.com/edgewire/edgewire/overlay/internal/ratelimit"
 )
 
 // Defaults for the zero values of ListenerConfig.
@@ -83,7 +84,7 @@ type Listener struct {
 	log   *slog.Logger
 	stats counters
 
-	logLimiter rateLimiter
+	logLimiter ratelimit.Limiter
 	// replyBufs holds maxDatagram-sized buffers for UDP replies. A flow's goroutine takes one only
 	// once a reply is waiting, so memory follows the replies in flight, not the flows open.
 	replyBufs sync.Pool
@@ -132,7 +133,7 @@ func NewListener(cfg ListenerConfig) (*Listener, error) {
 	l := &Listener{
 		cfg:        cfg,
 		log:        cfg.Logger.With("component", "forward"),
-		logLimiter: rateLimiter{every: time.Second},
+		logLimiter: ratelimit.Limiter{Every: time.Second},
 		ctx:        ctx,
 		cancel:     cancel,
 		tcpConns:   map[net.Conn]struct{}{},
@@ -265,33 +266,10 @@ func (l *Listener) untrack(c net.Conn) {
 // logf logs a per-request or per-datagram event at most once per second, with the number of events
 // suppressed since the last one.
 func (l *Listener) logf(level slog.Level, msg string, args ...any) {
-	if n, ok := l.logLimiter.allow(); ok {
+	if n, ok := l.logLimiter.Allow(); ok {
 		if n > 0 {
 			args = append(args, "suppressed", n)
 		}
 		l.log.Log(context.Background(), level, msg, args...)
 	}
-}
-
-// rateLimiter lets one event through per interval and counts the rest.
-type rateLimiter struct {
-	every time.Duration
-
-	mu         sync.Mutex // guards the following fields
-	last       time.Time
-	suppressed uint64
-}
-
-func (r *rateLimiter) allow() (suppressed uint64, ok bool) {
-	r.mu.Lock()
-	defer r.mu.Unlock()
-	now := time.Now()
-	if !r.last.IsZero() && now.Sub(r.last) < r.every {
-		r.suppressed++
-		return 0, false
-	}
-	r.last = now
-	n := r.suppressed
-	r.suppressed = 0
-	return n, true
 }

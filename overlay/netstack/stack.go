@@ -31,6 +31,7 @@ import (
 	"gvisor.dev/gvisor/pkg/tcpip/transport/udp"
 
 	"github.com/edgewire/edgewire/discovery"
+	"github.com/edgewire/edgewire/overlay/internal/ratelimit"
 )
 
 // Dialer is the flow-handler hook: the proxy implements it.
@@ -137,7 +138,7 @@ type Stack struct {
 	tcpStats, udpStats                                  flowCounters
 	packetsIn, packetsOut                               atomic.Uint64
 	droppedMalformed, droppedNotServed, droppedOutbound atomic.Uint64
-	logLimiter                                          rateLimiter
+	logLimiter                                          ratelimit.Limiter
 	copyBufs                                            sync.Pool // *[]byte buffers for TCP splicing
 
 	closeOnce sync.Once
@@ -206,7 +207,7 @@ func New(cfg Config) (*Stack, error) {
 		cancel: cancel,
 		flows:  make(map[*flow]struct{}),
 	}
-	s.logLimiter.every = time.Second
+	s.logLimiter.Every = time.Second
 	s.copyBufs.New = func() any { b := make([]byte, 64<<10); return &b }
 	if err := s.setup(); err != nil {
 		cancel()
@@ -430,7 +431,7 @@ func (s *Stack) isLocal(a tcpip.Address) bool {
 // logf logs a per-flow or per-packet event at most once per second (rate-limited), with the number of
 // events suppressed since the last one.
 func (s *Stack) logf(level slog.Level, msg string, args ...any) {
-	if n, ok := s.logLimiter.allow(); ok {
+	if n, ok := s.logLimiter.Allow(); ok {
 		if n > 0 {
 			args = append(args, "suppressed", n)
 		}
@@ -463,27 +464,4 @@ func networkProtocol(a netip.Addr) tcpip.NetworkProtocolNumber {
 func addrPort(a tcpip.Address, port uint16) netip.AddrPort {
 	ip, _ := netip.AddrFromSlice(a.AsSlice())
 	return netip.AddrPortFrom(ip, port)
-}
-
-// rateLimiter lets one event through per interval and counts the rest.
-type rateLimiter struct {
-	every time.Duration
-
-	mu         sync.Mutex // guards the following fields
-	last       time.Time
-	suppressed uint64
-}
-
-func (r *rateLimiter) allow() (suppressed uint64, ok bool) {
-	r.mu.Lock()
-	defer r.mu.Unlock()
-	now := time.Now()
-	if !r.last.IsZero() && now.Sub(r.last) < r.every {
-		r.suppressed++
-		return 0, false
-	}
-	r.last = now
-	n := r.suppressed
-	r.suppressed = 0
-	return n, true
 }
