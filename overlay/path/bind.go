@@ -131,6 +131,9 @@ type Bind struct {
 	inner    conn.Bind
 	onPacket atomic.Pointer[func(pkt []byte, from netip.AddrPort)] // nil: drop
 	relays   atomic.Pointer[relayTable]                            // nil: no relay sessions
+	// preferred maps a peer's synthetic relay endpoints to its direct path while it has one: see
+	// unwrapRelayed.
+	preferred atomic.Pointer[map[netip.AddrPort]netip.AddrPort]
 
 	batchPool sync.Pool // *relayBatch
 

@@ -2,6 +2,7 @@ package path
 
 import (
 	"context"
+	"maps"
 	"net/netip"
 	"slices"
 	"time"
@@ -402,6 +403,7 @@ func (m *Manager) step() {
 		}
 		m.maybeRequestPunchLocked(p, now, false)
 	}
+	m.updatePreferredLocked()
 	m.mu.Unlock()
 
 	for _, a := range applies {
@@ -509,4 +511,25 @@ func (m *Manager) maybeRequestPunchLocked(p *peerState, now time.Time, force boo
 		p.punchInFlight = false
 		m.mu.Unlock()
 	}()
+}
+
+// updatePreferredLocked tells the Bind, for every peer whose chosen path is LAN or direct, to
+// present datagrams relayed from that peer as coming from the direct path.
+func (m *Manager) updatePreferredLocked() {
+	next := make(map[netip.AddrPort]netip.AddrPort)
+	for _, p := range m.peers {
+		c := p.chosen
+		if c == nil || !c.alive || c.src == srcRelay {
+			continue
+		}
+		for _, rt := range p.info.Relays {
+			if synth, ok := SyntheticEndpoint(rt.Relay, rt.ID); ok {
+				next[synth] = c.addr
+			}
+		}
+	}
+	if cur := m.bind.preferred.Load(); cur != nil && maps.Equal(*cur, next) {
+		return
+	}
+	m.bind.preferred.Store(&next)
 }

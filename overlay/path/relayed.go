@@ -162,6 +162,13 @@ func (b *Bind) unwrapRelayed(r int, bufs [][]byte, sizes []int, eps []conn.Endpo
 		sizes[i] = copy(bufs[i], payload)
 		std.ClearSrc()
 		std.AddrPort = synth
+		if pref := b.preferred.Load(); pref != nil {
+			// The peer has a direct path: a straggler through the relay (the peer has not switched
+			// yet) must not make wireguard-go roam back to the relay.
+			if direct, ok := (*pref)[synth]; ok {
+				std.AddrPort = direct
+			}
+		}
 		b.relayedIn.Add(1)
 		return true
 	}

@@ -77,8 +77,10 @@ func TestRelayedDemux(t *testing.T) {
 	wg := wgMsg(wgTypeTransport, 64)
 	ping := relayPing([32]byte{1}, 7, make([]byte, 32))
 	synth5, _ := SyntheticEndpoint(0, 5)
+	direct5 := netip.MustParseAddrPort("198.51.100.5:51820")
 	tests := []struct {
 		name      string
+		preferred map[netip.AddrPort]netip.AddrPort // the peers' direct paths
 		pkt       []byte
 		from      netip.AddrPort
 		wantSize  int
@@ -87,11 +89,13 @@ func TestRelayedDemux(t *testing.T) {
 		wantFrom  netip.AddrPort // handler source; zero: not handed over
 		wantStats Stats
 	}{
-		{"wireguard via relay", append(relayDataHeader(5), wg...), relayAddr, len(wg), wg, synth5, netip.AddrPort{}, Stats{WireGuardIn: 1, RelayedIn: 1}},
-		{"ping via relay", append(relayDataHeader(5), ping...), relayAddr, 0, nil, netip.AddrPort{}, synth5, Stats{RelayedIn: 1}},
-		{"empty data", relayDataHeader(5), relayAddr, 0, nil, netip.AddrPort{}, netip.AddrPort{}, Stats{RelayedInDropped: 1}},
-		{"ID beyond 24 bits", append(relayDataHeader(1<<24), wg...), relayAddr, 0, nil, netip.AddrPort{}, netip.AddrPort{}, Stats{RelayedInDropped: 1}},
-		{"data from a stranger", append(relayDataHeader(5), wg...), other, 0, nil, netip.AddrPort{}, other, Stats{OtherIn: 1}},
+		{"wireguard via relay", nil, append(relayDataHeader(5), wg...), relayAddr, len(wg), wg, synth5, netip.AddrPort{}, Stats{WireGuardIn: 1, RelayedIn: 1}},
+		{"wireguard via relay from a peer with a direct path: no roaming to the relay", map[netip.AddrPort]netip.AddrPort{synth5: direct5},
+			append(relayDataHeader(5), wg...), relayAddr, len(wg), wg, direct5, netip.AddrPort{}, Stats{WireGuardIn: 1, RelayedIn: 1}},
+		{"ping via relay", nil, append(relayDataHeader(5), ping...), relayAddr, 0, nil, netip.AddrPort{}, synth5, Stats{RelayedIn: 1}},
+		{"empty data", nil, relayDataHeader(5), relayAddr, 0, nil, netip.AddrPort{}, netip.AddrPort{}, Stats{RelayedInDropped: 1}},
+		{"ID beyond 24 bits", nil, append(relayDataHeader(1<<24), wg...), relayAddr, 0, nil, netip.AddrPort{}, netip.AddrPort{}, Stats{RelayedInDropped: 1}},
+		{"data from a stranger", nil, append(relayDataHeader(5), wg...), other, 0, nil, netip.AddrPort{}, other, Stats{OtherIn: 1}},
 	}
 	for _, tc := range tests {
 		t.Run(tc.name, func(t *testing.T) {
@@ -99,6 +103,9 @@ func TestRelayedDemux(t *testing.T) {
 			b := NewBind(Config{Inner: conn.NewStdNetBind(), OnPacket: func(pkt []byte, from netip.AddrPort) { gotFrom = from }})
 			if err := b.setRelays(map[int]netip.AddrPort{0: relayAddr}); err != nil {
 				t.Fatal(err)
+			}
+			if tc.preferred != nil {
+				b.preferred.Store(&tc.preferred)
 			}
 			bufs, sizes, eps := batch(1)
 			fn := b.wrapReceive(func(bufs [][]byte, sizes []int, eps []conn.Endpoint) (int, error) {
