@@ -34,6 +34,16 @@ type Measurement struct {
 	// CPU is the CPU time each daemon (agent, reference wireguard-go) used while the measurement
 	// ran, in percent of one CPU; the clients' and servers' own use is in Raw where the tool reports it.
 	CPU map[string]float64 `json:"cpuPercent,omitempty"`
+	// Goal is the target the value is compared with, if the measurement has one.
+	Goal *Goal `json:"goal,omitempty"`
+}
+
+// Goal is a target a measurement is printed beside: the table says whether this run met it. A
+// missed goal is reported, it does not fail the run.
+type Goal struct {
+	// Text states the goal: "≤ 1 s", "≥ 0.5× nat.tcp-1stream.easy-easy".
+	Text string `json:"text"`
+	Met  bool   `json:"met"`
 }
 
 // Ratio is Value / Of's value.
@@ -111,17 +121,28 @@ func (r *Report) WriteTable(w io.Writer) {
 	}
 	fmt.Fprintln(w, "ratio = value / value of the reference named (same run, same machine); daemon CPU in % of one CPU")
 	tw := tabwriter.NewWriter(w, 0, 0, 2, ' ', 0)
-	fmt.Fprintln(tw, "NAME\tVALUE\tUNIT\tDAEMON CPU\tRATIO VS REFERENCE")
+	fmt.Fprintln(tw, "NAME\tVALUE\tUNIT\tDAEMON CPU\tRATIO VS REFERENCE\tGOAL")
 	for _, m := range r.Measurements {
 		var ratios []string
 		for _, rt := range m.Ratios {
 			ratios = append(ratios, fmt.Sprintf("%.2f× %s", rt.Value, rt.Of))
 		}
-		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\n", m.Name, formatValue(m.Value), m.Unit, formatCPU(m.CPU), strings.Join(ratios, ", "))
+		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%s\n", m.Name, formatValue(m.Value), m.Unit, formatCPU(m.CPU), strings.Join(ratios, ", "), formatGoal(m.Goal))
 	}
 	tw.Flush()
 	for _, f := range r.Failures {
 		fmt.Fprintf(w, "FAILED: %s\n", f)
+	}
+}
+
+func formatGoal(g *Goal) string {
+	switch {
+	case g == nil:
+		return ""
+	case g.Met:
+		return g.Text + " (met)"
+	default:
+		return g.Text + " (MISSED)"
 	}
 }
 

@@ -18,8 +18,9 @@ import (
 )
 
 // The benchmark suite (`make bench`, scripts/bench.sh): it measures and prints, it does not judge
-// speed. A measurement fails, and fails the run, only when its transfer fails. One run builds two
-// topologies in turn and writes one report (table on stdout, JSON under bench/results/).
+// speed. A measurement fails, and fails the run, only when its transfer fails. One run builds three
+// topologies in turn and writes one report (table on stdout, JSON under bench/results/); the third,
+// a NAT lab, is described in bench_nat_test.go.
 //
 // single node ("foundation"), LAN 10.77.1.0/24:
 //
@@ -106,6 +107,7 @@ func TestBench(t *testing.T) {
 
 	t.Run("singlenode", b.singleNode)
 	t.Run("crossnode", b.crossNode)
+	t.Run("nat", b.natTraversal)
 
 	b.report.Finish()
 	b.report.WriteTable(os.Stdout)
