@@ -14,7 +14,7 @@ BIN      := bin
 CMDS     := $(patsubst cmd/%/,%,$(sort $(dir $(wildcard cmd/*/*.go))))
 E2E_PKGS := ./e2e/...
 
-.PHONY: all deps build vet test unit e2e demo bench clean
+.PHONY: all deps build vet test unit e2e k8s-tools demo bench clean
 
 all: build
 
@@ -40,8 +40,13 @@ vet:
 unit:
 	$(GO) test -race -count=1 $$($(GO) list ./... | grep -v '/e2e\(/\|$$\)')
 
-# e2e: the network-namespace scenario tests (root; tools from `make deps`).
-e2e:
+# k8s-tools: kube-apiserver and etcd for the Kubernetes e2e test, built from the separate module in
+# tools/k8s and cached in /var/cache/edgewire (a cold build takes 10-20 minutes; then it is instant).
+k8s-tools:
+	scripts/k8s-tools.sh
+
+# e2e: the network-namespace scenario tests (root; tools from `make deps` and `make k8s-tools`).
+e2e: k8s-tools
 	$(GO) test -count=1 -v -timeout 20m $(E2E_PKGS)
 
 # test runs the e2e suite even when unit tests fail, so that one CI run shows every failure.

@@ -41,6 +41,9 @@ const (
 	// AnnotationEndpoints lists the node's WireGuard socket addresses, LAN addresses first,
 	// comma-separated ip:port, IPv6 as [addr]:port, for example "10.0.0.5:51820,[fd00::5]:51820".
 	AnnotationEndpoints = "edgewire.io/endpoints"
+	// AnnotationOverlayAddress is the node's overlay address. It is derived from the WireGuard key
+	// (so it is informational: other nodes derive it themselves) and published for operators.
+	AnnotationOverlayAddress = "edgewire.io/overlay-address"
 )
 
 // Snapshot is the whole catalog at one moment. Services are sorted by namespace, then name; nodes by
@@ -48,6 +51,9 @@ const (
 type Snapshot struct {
 	Services []*Service
 	Nodes    []*Node
+	// Relays are mesh-relay addresses the source learned (on Kubernetes, from the relay Secret
+	// that mesh-relay publishes): libp2p multiaddrs with /p2p/<peer ID>, sorted, no duplicates.
+	Relays []string
 }
 
 // Service is a stripped-down Kubernetes Service joined with its EndpointSlices: only what the mesh
@@ -133,6 +139,24 @@ type Source interface {
 	// returns an error only when the source cannot work at all (its initial state cannot be read);
 	// later errors are logged and the last good snapshot stays in force.
 	Run(ctx context.Context, update func(*Snapshot)) error
+}
+
+// Self is what a node publishes about itself so that other nodes can reach it.
+type Self struct {
+	// WireGuardKey is the node's WireGuard public key in base64.
+	WireGuardKey string
+	// Overlay is the node's overlay address.
+	Overlay netip.Addr
+	// Endpoints are the node's WireGuard socket addresses, LAN addresses first.
+	Endpoints []netip.AddrPort
+}
+
+// Publisher is implemented by sources that can publish the node's own Self where other nodes read
+// it (the Kubernetes source: annotations on the node's Node object). Publish records self and
+// returns at once; the source applies it in the background, retrying until it sticks, and
+// re-applies it if it is lost. It may be called again when self changes.
+type Publisher interface {
+	Publish(self Self)
 }
 
 // TargetFor resolves the endpoint port that a flow to service port sp uses on endpoint ep, the way

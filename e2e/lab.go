@@ -10,6 +10,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"strconv"
 	"strings"
 	"sync"
 	"testing"
@@ -128,6 +129,32 @@ func (lan *LAN) Attach(t testing.TB, n *Node, addr netip.Addr) string {
 	lan.Switch.MustExec(t, "ip", "link", "set", port, "master", "br0", "up")
 	n.MustExec(t, "ip", "addr", "add", netip.PrefixFrom(addr, lan.Prefix.Bits()).String(), "dev", ifName)
 	n.MustExec(t, "ip", "link", "set", ifName, "up")
+	return ifName
+}
+
+// AttachRoot connects the root network namespace to the segment with a veth pair and gives the root
+// end addr, so that a server the test runs in the root namespace (Lab.StartRoot) is reachable from
+// the segment's hosts. The pair goes away with the switch's namespace at teardown.
+func (lan *LAN) AttachRoot(t testing.TB, addr netip.Addr) string {
+	t.Helper()
+	if !lan.Prefix.Contains(addr) {
+		t.Fatalf("attach root to %s: address %s is outside the LAN's %s", lan.Switch.Role, addr, lan.Prefix)
+	}
+	lan.mu.Lock()
+	port := fmt.Sprintf("p%d", lan.ports)
+	lan.ports++
+	lan.mu.Unlock()
+	ifName := "ew" + lan.Switch.lab.ID + "r"
+	lan.Switch.MustExec(t, "ip", "link", "add", port, "type", "veth", "peer", "name", ifName, "netns", strconv.Itoa(os.Getpid()))
+	lan.Switch.MustExec(t, "ip", "link", "set", port, "master", "br0", "up")
+	for _, args := range [][]string{
+		{"ip", "addr", "add", netip.PrefixFrom(addr, lan.Prefix.Bits()).String(), "dev", ifName},
+		{"ip", "link", "set", ifName, "up"},
+	} {
+		if out, err := run(args...); err != nil {
+			t.Fatalf("attach root to %s: %s: %v\n%s", lan.Switch.Role, strings.Join(args, " "), err, out)
+		}
+	}
 	return ifName
 }
 

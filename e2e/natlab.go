@@ -202,6 +202,8 @@ type Relay struct {
 	// Proc is the running (or last) process; PeerID its libp2p peer ID, read from its log.
 	Proc   *Proc
 	PeerID string
+	// Extra flags, appended as they are.
+	Extra []string
 }
 
 // NewRelay describes a relay on public host n; it starts nothing.
@@ -236,12 +238,13 @@ func (r *Relay) Start(t testing.TB, timeout time.Duration) {
 	if r.Proc != nil {
 		offset = len(r.Proc.Log())
 	}
-	r.Proc = r.Node.Start(t, "relay", r.Bin,
+	args := []string{r.Bin,
 		"--listen", fmt.Sprint(RelayPort),
 		"--join-token-file", r.TokenFile,
 		"--state-dir", r.StateDir,
 		"--advertise-addr", r.HostPort(),
-		"--metrics-addr", r.MetricsAddr())
+		"--metrics-addr", r.MetricsAddr()}
+	r.Proc = r.Node.Start(t, "relay", append(args, r.Extra...)...)
 	start := time.Now()
 	Eventually(t, timeout, 50*time.Millisecond, r.Name+" listens and logs its peer ID", func() error {
 		if r.Proc.Exited() {

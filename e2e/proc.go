@@ -30,16 +30,28 @@ type Proc struct {
 // `ip netns exec` execs the command in place.
 func (n *Node) Start(t testing.TB, name string, args ...string) *Proc {
 	t.Helper()
-	logPath := filepath.Join(n.lab.Dir, fmt.Sprintf("%s-%s.log", n.Role, name))
+	return n.lab.start(t, n.Role, name, append([]string{"ip", "netns", "exec", n.NS}, args...))
+}
+
+// StartRoot runs args in the root network namespace, like Node.Start (for servers that tests reach
+// through an interface AttachRoot made, such as the Kubernetes API server).
+func (l *Lab) StartRoot(t testing.TB, name string, args ...string) *Proc {
+	t.Helper()
+	return l.start(t, "root", name, args)
+}
+
+func (l *Lab) start(t testing.TB, role, name string, argv []string) *Proc {
+	t.Helper()
+	logPath := filepath.Join(l.Dir, fmt.Sprintf("%s-%s.log", role, name))
 	f, err := os.OpenFile(logPath, os.O_CREATE|os.O_WRONLY|os.O_APPEND, 0o644)
 	if err != nil {
 		t.Fatalf("start %s: log file: %v", name, err)
 	}
-	cmd := exec.Command("ip", append([]string{"netns", "exec", n.NS}, args...)...)
+	cmd := exec.Command(argv[0], argv[1:]...)
 	cmd.Stdout, cmd.Stderr = f, f
 	if err := cmd.Start(); err != nil {
 		f.Close()
-		t.Fatalf("start %s in %s: %s: %v", name, n.Role, strings.Join(args, " "), err)
+		t.Fatalf("start %s in %s: %s: %v", name, role, strings.Join(argv, " "), err)
 	}
 	p := &Proc{Name: name, LogPath: logPath, cmd: cmd, done: make(chan struct{})}
 	go func() {
@@ -47,9 +59,9 @@ func (n *Node) Start(t testing.TB, name string, args ...string) *Proc {
 		f.Close()
 		close(p.done)
 	}()
-	n.lab.mu.Lock()
-	n.lab.procs = append(n.lab.procs, p)
-	n.lab.mu.Unlock()
+	l.mu.Lock()
+	l.procs = append(l.procs, p)
+	l.mu.Unlock()
 	return p
 }
 

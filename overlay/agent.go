@@ -79,9 +79,14 @@ type Config struct {
 	// Upstreams are the resolvers ("ip:port") for names outside the cluster domain; none: SERVFAIL.
 	Upstreams []string
 
-	// Source supplies the catalog (required). SourceName describes it for `meshctl status`.
+	// Source supplies the catalog (required). SourceName describes it for `meshctl status`. When it
+	// is a discovery.Publisher too (the Kubernetes source), the agent publishes its WireGuard key,
+	// overlay address and LAN endpoints through it once WireGuard is up.
 	Source     discovery.Source
 	SourceName string
+
+	// HealthAddr is the address of the HTTP health endpoint (/healthz, /readyz); "" = none.
+	HealthAddr string
 }
 
 func (c *Config) setDefaults() error {
@@ -158,6 +163,8 @@ type Agent struct {
 	snapTime atomic.Pointer[time.Time]
 	stack    atomic.Pointer[netstack.Stack]
 
+	health *health // nil without HealthAddr
+
 	downOnce sync.Once
 	down     chan struct{}
 }
@@ -219,6 +226,16 @@ func (a *Agent) Run(ctx context.Context) (err error) {
 			}
 		}
 	}()
+
+	if cfg.HealthAddr != "" {
+		h, err := startHealth(cfg.HealthAddr)
+		if err != nil {
+			return err
+		}
+		cleanups = append(cleanups, h.close)
+		a.health = h
+		h.set("waiting for the first catalog")
+	}
 
 	// The catalog first: an agent with a broken catalog file should fail before touching the host.
 	ctx, cancel := context.WithCancel(ctx)
@@ -308,10 +325,17 @@ func (a *Agent) Run(ctx context.Context) (err error) {
 	if err := splitter.Start(); err != nil {
 		return fmt.Errorf("tun %s: %w", dev.Name(), err)
 	}
+	// Relays the catalog names (the Kubernetes relay Secret, or its cached copy) join --relay.
+	m.addRelays(a.snap.Load().Relays)
 	if err := m.start(overlayDev, dev.Name()); err != nil {
 		return err
 	}
 	m.apply(a.snap.Load())
+	if p, ok := cfg.Source.(discovery.Publisher); ok {
+		self := discovery.Self{WireGuardKey: id.WireGuardPublic.String(), Overlay: overlayAddr, Endpoints: m.interfaceEndpoints()}
+		a.logger.Info("publishing this node's WireGuard key and endpoints", "endpoints", self.Endpoints)
+		p.Publish(self)
+	}
 
 	ctl := control.NewServer(cfg.ControlSocket, (*backend)(a), cfg.Logger)
 	if err := ctl.Start(); err != nil {
@@ -319,6 +343,9 @@ func (a *Agent) Run(ctx context.Context) (err error) {
 	}
 	cleanups = append(cleanups, ctl.Close)
 
+	if a.health != nil {
+		a.health.set("")
+	}
 	a.logger.Info("agent up",
 		"node", cfg.NodeName, "tun", dev.Name(), "service_cidr", cfg.ServiceCIDR,
 		"dns", dnsAP, "control_socket", cfg.ControlSocket, "upstreams", cfg.Upstreams)

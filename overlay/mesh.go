@@ -9,6 +9,7 @@ import (
 	"log/slog"
 	"net"
 	"net/netip"
+	"slices"
 	"strconv"
 	"strings"
 	"sync"
@@ -144,7 +145,7 @@ func newMesh(cfg *Config, id *identity.Identity, overlay netip.Addr) *mesh {
 		dialer:   forward.Dialer{Port: cfg.ForwardPort},
 		peers:    make(map[identity.Key]*peer),
 
-		relayAddrs: cfg.Relays,
+		relayAddrs: slices.Clone(cfg.Relays),
 		joinToken:  cfg.JoinToken,
 		snap:       &discovery.Snapshot{},
 		relayDirs:  make(map[int][]relay.DirEntry),
@@ -275,6 +276,13 @@ func (m *mesh) allow(proto discovery.Protocol, target netip.AddrPort) bool {
 func (m *mesh) apply(s *discovery.Snapshot) {
 	m.mu.Lock()
 	defer m.mu.Unlock()
+	if m.dev != nil && !slices.Equal(s.Relays, m.snap.Relays) {
+		for _, r := range s.Relays {
+			if !slices.Contains(m.relayAddrs, r) {
+				m.logger.Warn("the catalog names a relay this agent does not use yet: restart the agent to register with it", "relay", r)
+			}
+		}
+	}
 	m.snap = s
 	m.rebuildLocked()
 }

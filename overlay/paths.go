@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"net"
 	"net/netip"
+	"slices"
 	"strings"
 
 	"github.com/edgewire/edgewire/overlay/control"
@@ -77,6 +78,16 @@ func (m *mesh) syncSessions() {
 	m.paths.SetRelays(out)
 }
 
+// addRelays adds relay addresses to the configured ones before start; duplicates are dropped.
+// Relays that appear in the catalog later are logged and used after a restart.
+func (m *mesh) addRelays(addrs []string) {
+	for _, a := range addrs {
+		if !slices.Contains(m.relayAddrs, a) {
+			m.relayAddrs = append(m.relayAddrs, a)
+		}
+	}
+}
+
 // onRelayDirectory takes relay i's directory.
 func (m *mesh) onRelayDirectory(i int, nodes []relay.DirEntry) {
 	m.mu.Lock()
@@ -146,6 +157,13 @@ func (m *mesh) lanEndpoints() []netip.AddrPort {
 		}
 	}
 	m.mu.Unlock()
+	return m.interfaceEndpoints()
+}
+
+// interfaceEndpoints are the addresses of this node's WireGuard socket on its own networks: every
+// global unicast or private address of an interface that is up, except the TUN itself, with the
+// listen port. This is what the node publishes about itself.
+func (m *mesh) interfaceEndpoints() []netip.AddrPort {
 	ifs, err := net.Interfaces()
 	if err != nil {
 		m.logger.Warn("list interfaces for LAN addresses", "err", err)

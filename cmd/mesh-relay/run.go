@@ -2,6 +2,7 @@ package main
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"log/slog"
 	"net"
@@ -9,10 +10,12 @@ import (
 	"os"
 	"os/signal"
 	"strconv"
+	"strings"
 	"syscall"
 
 	"github.com/spf13/cobra"
 
+	"github.com/edgewire/edgewire/discovery/k8s"
 	"github.com/edgewire/edgewire/relay"
 )
 
@@ -25,6 +28,8 @@ type options struct {
 	advertise     []string
 	metricsAddr   string
 	logLevel      string
+	kubeSecret    string
+	kubeconfig    string
 }
 
 func newRootCmd() *cobra.Command {
@@ -57,6 +62,11 @@ user) or --join-token (visible in the process list). The relay refuses to start 
 Behind NAT or a load balancer, --advertise-addr HOST:PORT (repeatable) sets the addresses the
 relay announces. --metrics-addr serves Prometheus metrics at /metrics.
 
+In a Kubernetes cluster (deploy/relay.yaml), --kube-secret NAMESPACE/NAME makes the relay write
+its multiaddrs into that existing Secret (data key: its peer ID), where the agents of
+"meshctl up --kubernetes" find it: no relay list to configure on them. The relay uses its
+in-cluster ServiceAccount, or --kubeconfig, and needs only get and patch on that one Secret.
+
 The relay runs in the foreground until SIGINT or SIGTERM.`,
 		Args:          cobra.NoArgs,
 		SilenceUsage:  true,
@@ -73,6 +83,8 @@ The relay runs in the foreground until SIGINT or SIGTERM.`,
 	f.StringArrayVar(&o.advertise, "advertise-addr", nil, "HOST:PORT (or multiaddr) to announce instead of the listen addresses; repeatable")
 	f.StringVar(&o.metricsAddr, "metrics-addr", "", "HOST:PORT serving Prometheus metrics at /metrics (off when empty)")
 	f.StringVar(&o.logLevel, "log-level", "info", "debug, info, warn or error")
+	f.StringVar(&o.kubeSecret, "kube-secret", "", "NAMESPACE/NAME of the Kubernetes Secret to publish the relay's addresses in (off when empty)")
+	f.StringVar(&o.kubeconfig, "kubeconfig", "", "with --kube-secret: kubeconfig file (default: in-cluster config)")
 	return cmd
 }
 
@@ -106,6 +118,16 @@ func run(cmd *cobra.Command, o options) error {
 	if err != nil {
 		return err
 	}
+	var secretNS, secretName string
+	if o.kubeSecret != "" {
+		var ok bool
+		secretNS, secretName, ok = strings.Cut(o.kubeSecret, "/")
+		if !ok || secretNS == "" || secretName == "" || strings.Contains(secretName, "/") {
+			return fmt.Errorf("--kube-secret %q: want NAMESPACE/NAME, such as edgewire/edgewire-relay", o.kubeSecret)
+		}
+	} else if o.kubeconfig != "" {
+		return errors.New("--kubeconfig is only used with --kube-secret")
+	}
 	token, err := joinToken(o.joinToken, o.joinTokenFile, log)
 	if err != nil {
 		return err
@@ -133,7 +155,26 @@ func run(cmd *cobra.Command, o options) error {
 		fmt.Fprintf(w, "address: %s\n", a)
 	}
 	fmt.Fprintf(w, "mesh-relay ready: TCP and UDP port %d\n", srv.Port())
+	published := make(chan error, 1)
+	if secretName != "" {
+		go func() {
+			published <- k8s.PublishRelay(ctx, k8s.RelayConfig{
+				Kubeconfig: o.kubeconfig,
+				Logger:     log,
+				Namespace:  secretNS,
+				Name:       secretName,
+				Key:        srv.PeerID(),
+				Addrs:      srv.Multiaddrs(),
+			})
+		}()
+	} else {
+		published <- nil
+	}
 	<-ctx.Done()
 	log.Info("shutting down")
-	return srv.Close()
+	perr := <-published
+	if errors.Is(perr, context.Canceled) {
+		perr = nil
+	}
+	return errors.Join(perr, srv.Close())
 }

@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
+	"net"
 	"net/netip"
 	"os"
 	"strings"
@@ -39,6 +40,12 @@ type upOptions struct {
 	ConnectTimeout time.Duration `yaml:"connectTimeout"`
 	LogLevel       string        `yaml:"logLevel"`
 	LogFormat      string        `yaml:"logFormat"`
+
+	Kubernetes      bool          `yaml:"kubernetes"`
+	Kubeconfig      string        `yaml:"kubeconfig"`
+	RelaySecret     string        `yaml:"relaySecret"`
+	KubeSyncTimeout time.Duration `yaml:"kubeSyncTimeout"`
+	HealthAddr      string        `yaml:"healthAddr"`
 }
 
 // flagNames maps each config file field to its flag: the flag wins when it is set.
@@ -50,6 +57,8 @@ var flagNames = map[string]string{
 	"wgInterface": "wg-interface", "forwardPort": "forward-port", "mtu": "mtu",
 	"relays": "relay", "joinToken": "join-token", "joinTokenFile": "join-token-file", "udpIdleTimeout": "udp-idle-timeout",
 	"connectTimeout": "connect-timeout", "logLevel": "log-level", "logFormat": "log-format",
+	"kubernetes": "kubernetes", "kubeconfig": "kubeconfig", "relaySecret": "relay-secret",
+	"kubeSyncTimeout": "kube-sync-timeout", "healthAddr": "health-addr",
 }
 
 func (o *upOptions) addFlags(fs *pflag.FlagSet) {
@@ -74,6 +83,11 @@ func (o *upOptions) addFlags(fs *pflag.FlagSet) {
 	fs.IntVar(&o.ForwardPort, "forward-port", 51821, "TCP and UDP port of the agent-to-agent forward listener on the overlay address")
 	fs.DurationVar(&o.UDPIdleTimeout, "udp-idle-timeout", 60*time.Second, "close a UDP flow idle this long")
 	fs.DurationVar(&o.ConnectTimeout, "connect-timeout", 5*time.Second, "deadline to connect to an endpoint, retries included")
+	fs.BoolVar(&o.Kubernetes, "kubernetes", false, "catalog from the Kubernetes API (Services, EndpointSlices, Nodes; in-cluster config unless --kubeconfig) instead of --services-file")
+	fs.StringVar(&o.Kubeconfig, "kubeconfig", "", "kubeconfig file for the Kubernetes API (implies --kubernetes)")
+	fs.StringVar(&o.RelaySecret, "relay-secret", "edgewire/edgewire-relay", "with --kubernetes: NAMESPACE/NAME of the Secret mesh-relay publishes its addresses in (\"\" = none)")
+	fs.DurationVar(&o.KubeSyncTimeout, "kube-sync-timeout", 10*time.Second, "with --kubernetes: how long to wait for the API before serving the cached catalog")
+	fs.StringVar(&o.HealthAddr, "health-addr", "", "HOST:PORT of the HTTP health endpoint (/healthz, /readyz); empty = none")
 	fs.StringVar(&o.LogLevel, "log-level", "info", "log level: debug, info, warn, error")
 	fs.StringVar(&o.LogFormat, "log-format", "text", "log format: text or json")
 }
@@ -145,6 +159,16 @@ func (o *upOptions) loadConfigFile(path string, fs *pflag.FlagSet) error {
 			o.LogLevel = fromFile.LogLevel
 		case "logFormat":
 			o.LogFormat = fromFile.LogFormat
+		case "kubernetes":
+			o.Kubernetes = fromFile.Kubernetes
+		case "kubeconfig":
+			o.Kubeconfig = fromFile.Kubeconfig
+		case "relaySecret":
+			o.RelaySecret = fromFile.RelaySecret
+		case "kubeSyncTimeout":
+			o.KubeSyncTimeout = fromFile.KubeSyncTimeout
+		case "healthAddr":
+			o.HealthAddr = fromFile.HealthAddr
 		}
 	}
 	return nil
@@ -157,6 +181,10 @@ type parsed struct {
 	serviceCIDR netip.Prefix
 	dnsIP       netip.Addr
 	upstreams   []string
+	kubernetes  bool
+	healthAddr  string
+	// relaySecret is --relay-secret split; both empty when none.
+	relaySecretNS, relaySecretName string
 }
 
 func (o *upOptions) parse() (parsed, error) {
@@ -174,8 +202,24 @@ func (o *upOptions) parse() (parsed, error) {
 	if o.NodeName == "" {
 		return p, errors.New("--node-name is empty and the hostname is unknown: set --node-name")
 	}
-	if o.ServicesFile == "" {
-		return p, errors.New("no catalog: set --services-file to a YAML file of Service and EndpointSlice objects")
+	p.kubernetes = o.Kubernetes || o.Kubeconfig != ""
+	switch {
+	case p.kubernetes && o.ServicesFile != "":
+		return p, errors.New("--services-file and --kubernetes (or --kubeconfig) are both set: the catalog comes from one source, choose one")
+	case !p.kubernetes && o.ServicesFile == "":
+		return p, errors.New("no catalog: set --services-file to a YAML file of Service and EndpointSlice objects, or --kubernetes to read the Kubernetes API")
+	}
+	if p.kubernetes {
+		if o.KubeSyncTimeout <= 0 {
+			return p, fmt.Errorf("--kube-sync-timeout %s: must be positive", o.KubeSyncTimeout)
+		}
+		if o.RelaySecret != "" {
+			ns, name, ok := strings.Cut(o.RelaySecret, "/")
+			if !ok || ns == "" || name == "" || strings.Contains(name, "/") {
+				return p, fmt.Errorf("--relay-secret %q: want NAMESPACE/NAME, such as edgewire/edgewire-relay", o.RelaySecret)
+			}
+			p.relaySecretNS, p.relaySecretName = ns, name
+		}
 	}
 	if strings.Trim(o.ClusterDomain, ".") == "" {
 		return p, errors.New("--cluster-domain is empty")
@@ -209,6 +253,11 @@ func (o *upOptions) parse() (parsed, error) {
 		}
 		p.joinToken = tok
 	}
+	if o.HealthAddr != "" {
+		if p.healthAddr, err = parseHealthAddr(o.HealthAddr); err != nil {
+			return p, err
+		}
+	}
 	if len(o.Relays) > 0 && p.joinToken == "" {
 		return p, errors.New("--relay needs a join token: set --join-token-file (or --join-token)")
 	}
@@ -220,6 +269,20 @@ func (o *upOptions) parse() (parsed, error) {
 		p.upstreams = append(p.upstreams, ap.String())
 	}
 	return p, nil
+}
+
+// parseHealthAddr accepts HOST:PORT, [IPv6]:PORT and, because the DaemonSet builds the address from
+// the node's IP ($(HOST_IP):9269), an unbracketed IPv6 address followed by :PORT.
+func parseHealthAddr(s string) (string, error) {
+	if _, _, err := net.SplitHostPort(s); err == nil {
+		return s, nil
+	}
+	if i := strings.LastIndexByte(s, ':'); i > 0 {
+		if ap, err := netip.ParseAddrPort("[" + s[:i] + "]" + s[i:]); err == nil {
+			return ap.String(), nil
+		}
+	}
+	return "", fmt.Errorf("--health-addr %q: want HOST:PORT, such as 127.0.0.1:9269", s)
 }
 
 func parseUpstream(s string) (netip.AddrPort, error) {

@@ -113,3 +113,68 @@ func TestParseOptions(t *testing.T) {
 		})
 	}
 }
+
+func TestCatalogSourceOptions(t *testing.T) {
+	tests := []struct {
+		name    string
+		args    []string
+		check   func(t *testing.T, p parsed)
+		wantErr string
+	}{
+		{name: "services file", args: []string{"--services-file", "/x.yaml"},
+			check: func(t *testing.T, p parsed) {
+				if p.kubernetes {
+					t.Error("kubernetes set")
+				}
+			}},
+		{name: "kubeconfig implies kubernetes", args: []string{"--kubeconfig", "/k"},
+			check: func(t *testing.T, p parsed) {
+				if !p.kubernetes || p.relaySecretNS != "edgewire" || p.relaySecretName != "edgewire-relay" {
+					t.Errorf("parsed %+v", p)
+				}
+			}},
+		{name: "both sources", args: []string{"--kubernetes", "--services-file", "/x.yaml"}, wantErr: "choose one"},
+		{name: "no source", args: nil, wantErr: "--kubernetes"},
+		{name: "bad relay secret", args: []string{"--kubernetes", "--relay-secret", "nope"}, wantErr: "NAMESPACE/NAME"},
+		{name: "no relay secret", args: []string{"--kubernetes", "--relay-secret", ""},
+			check: func(t *testing.T, p parsed) {
+				if p.relaySecretName != "" {
+					t.Errorf("relay secret %q", p.relaySecretName)
+				}
+			}},
+		{name: "health IPv4", args: []string{"--kubernetes", "--health-addr", "10.0.0.1:9269"},
+			check: func(t *testing.T, p parsed) {
+				if p.healthAddr != "10.0.0.1:9269" {
+					t.Errorf("health %q", p.healthAddr)
+				}
+			}},
+		{name: "health unbracketed IPv6", args: []string{"--kubernetes", "--health-addr", "fd00::5:9269"},
+			check: func(t *testing.T, p parsed) {
+				if p.healthAddr != "[fd00::5]:9269" {
+					t.Errorf("health %q", p.healthAddr)
+				}
+			}},
+		{name: "health without port", args: []string{"--kubernetes", "--health-addr", "10.0.0.1"}, wantErr: "--health-addr"},
+	}
+	for _, tc := range tests {
+		t.Run(tc.name, func(t *testing.T) {
+			var o upOptions
+			fs := pflag.NewFlagSet("up", pflag.ContinueOnError)
+			o.addFlags(fs)
+			if err := fs.Parse(append([]string{"--node-name", "n1"}, tc.args...)); err != nil {
+				t.Fatal(err)
+			}
+			p, err := o.parse()
+			if tc.wantErr != "" {
+				if err == nil || !strings.Contains(err.Error(), tc.wantErr) {
+					t.Fatalf("err = %v, want it to contain %q", err, tc.wantErr)
+				}
+				return
+			}
+			if err != nil {
+				t.Fatal(err)
+			}
+			tc.check(t, p)
+		})
+	}
+}

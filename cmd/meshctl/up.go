@@ -5,10 +5,13 @@ import (
 	"fmt"
 	"os"
 	"os/signal"
+	"path/filepath"
 	"syscall"
 
 	"github.com/spf13/cobra"
 
+	"github.com/edgewire/edgewire/discovery"
+	"github.com/edgewire/edgewire/discovery/k8s"
 	"github.com/edgewire/edgewire/discovery/static"
 	"github.com/edgewire/edgewire/dns"
 	"github.com/edgewire/edgewire/overlay"
@@ -36,10 +39,18 @@ discovery.k8s.io/v1 EndpointSlice objects ("kubectl get svc,endpointslices -o ya
 loads). The file is reloaded when it changes; an invalid file is reported in the log with
 the document and field at fault, and the last good catalog stays in force.
 
+With --kubernetes (the DaemonSet in deploy/) the catalog comes from the Kubernetes API instead:
+Services, EndpointSlices and Nodes, through the in-cluster config or --kubeconfig. The agent
+publishes its WireGuard key, overlay address and LAN endpoints as annotations on its own Node,
+reads the relays from the Secret of --relay-secret, and keeps the last catalog in
+--state-dir/catalog-k8s.json: when the API server is unreachable at start it serves that copy
+after --kube-sync-timeout, and catches up when the server returns.
+
 Every flag can also be set in a YAML file given with --config, using the camelCase field
 names (nodeName, servicesFile, stateDir, serviceCIDR, dnsIP, clusterDomain, controlSocket,
 resolvConf, upstreams, tunName, mtu, listenPort, overlayPrefix, wgInterface, forwardPort, relays, joinToken, joinTokenFile,
-udpIdleTimeout, connectTimeout, logLevel, logFormat).
+udpIdleTimeout, connectTimeout, logLevel, logFormat, kubernetes, kubeconfig, relaySecret,
+kubeSyncTimeout, healthAddr).
 Flags given on the command line win over the file.
 
 Between nodes the agent runs WireGuard (wireguard-go) on the overlay range (--overlay-prefix),
@@ -50,7 +61,8 @@ probes: one of its LAN addresses, a hole-punched direct path, or the relay.
 
 up needs root (or CAP_NET_ADMIN) for the TUN device and its routes.`,
 		Example: `  meshctl up --node-name edge-1 --services-file /etc/edgewire/services.yaml
-  meshctl up --config /etc/edgewire/config.yaml`,
+  meshctl up --config /etc/edgewire/config.yaml
+  meshctl up --kubeconfig /etc/edgewire/kubeconfig --node-name edge-1 --join-token-file /etc/edgewire/join-token`,
 		Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
 			if configPath != "" {
@@ -82,6 +94,28 @@ func runUp(ctx context.Context, o *upOptions) error {
 			logger.Warn("no upstream resolvers: names outside the cluster domain will fail", "resolv_conf", o.ResolvConf, "err", err)
 		}
 	}
+	var source discovery.Source
+	sourceName := "file " + o.ServicesFile
+	if p.kubernetes {
+		source, err = k8s.New(k8s.Config{
+			Kubeconfig:           o.Kubeconfig,
+			Logger:               logger,
+			NodeName:             o.NodeName,
+			CachePath:            filepath.Join(o.StateDir, "catalog-k8s.json"),
+			SyncTimeout:          o.KubeSyncTimeout,
+			RelaySecretNamespace: p.relaySecretNS,
+			RelaySecretName:      p.relaySecretName,
+		})
+		if err != nil {
+			return err
+		}
+		sourceName = "kubernetes"
+		if o.Kubeconfig != "" {
+			sourceName = "kubernetes (" + o.Kubeconfig + ")"
+		}
+	} else {
+		source = static.New(static.Config{Path: o.ServicesFile, Logger: logger})
+	}
 	agent, err := overlay.New(overlay.Config{
 		Logger:         logger,
 		NodeName:       o.NodeName,
@@ -101,8 +135,9 @@ func runUp(ctx context.Context, o *upOptions) error {
 		UDPIdleTimeout: o.UDPIdleTimeout,
 		ConnectTimeout: o.ConnectTimeout,
 		Upstreams:      upstreams,
-		Source:         static.New(static.Config{Path: o.ServicesFile, Logger: logger}),
-		SourceName:     "file " + o.ServicesFile,
+		Source:         source,
+		SourceName:     sourceName,
+		HealthAddr:     p.healthAddr,
 	})
 	if err != nil {
 		return err
