@@ -32,6 +32,10 @@ type Lab struct {
 	mu    sync.Mutex // guards all following fields
 	nodes []*Node
 	procs []*Proc
+	// rootLinks are the root namespace's ends of AttachRoot's veth pairs: teardown deletes them
+	// itself, because the kernel destroys the interfaces of a deleted namespace asynchronously and
+	// the root end would outlive the test for a moment.
+	rootLinks []string
 }
 
 // NewLab creates an empty lab for t and registers its teardown with t.Cleanup.
@@ -147,6 +151,10 @@ func (lan *LAN) AttachRoot(t testing.TB, addr netip.Addr) string {
 	ifName := "ew" + lan.Switch.lab.ID + "r"
 	lan.Switch.MustExec(t, "ip", "link", "add", port, "type", "veth", "peer", "name", ifName, "netns", strconv.Itoa(os.Getpid()))
 	lan.Switch.MustExec(t, "ip", "link", "set", port, "master", "br0", "up")
+	lab := lan.Switch.lab
+	lab.mu.Lock()
+	lab.rootLinks = append(lab.rootLinks, ifName)
+	lab.mu.Unlock()
 	for _, args := range [][]string{
 		{"ip", "addr", "add", netip.PrefixFrom(addr, lan.Prefix.Bits()).String(), "dev", ifName},
 		{"ip", "link", "set", ifName, "up"},
@@ -248,8 +256,8 @@ func (n *Node) MustExec(t testing.TB, args ...string) string {
 // close stops every process, then deletes every namespace and /etc/netns directory of the lab.
 func (l *Lab) close(t testing.TB) {
 	l.mu.Lock()
-	procs, nodes := l.procs, l.nodes
-	l.procs, l.nodes = nil, nil
+	procs, nodes, rootLinks := l.procs, l.nodes, l.rootLinks
+	l.procs, l.nodes, l.rootLinks = nil, nil, nil
 	l.mu.Unlock()
 
 	if t.Failed() {
@@ -262,6 +270,12 @@ func (l *Lab) close(t testing.TB) {
 		// An exit status is the test's business; teardown only minds a process that will not die.
 		if err := procs[i].Stop(3 * time.Second); err != nil && !procs[i].Exited() {
 			errs = append(errs, err)
+		}
+	}
+	for _, link := range rootLinks {
+		// Deleting one end of a veth pair deletes both, at once.
+		if out, err := run("ip", "link", "del", link); err != nil {
+			errs = append(errs, fmt.Errorf("delete root link %s: %w: %s", link, err, out))
 		}
 	}
 	for i := len(nodes) - 1; i >= 0; i-- {
@@ -277,7 +291,7 @@ func (l *Lab) close(t testing.TB) {
 	}
 }
 
-// run runs a command in the root namespace (only `ip netns add/del`).
+// run runs a command in the root namespace (`ip netns add/del`, and AttachRoot's link).
 func run(args ...string) (string, error) {
 	ctx, cancel := context.WithTimeout(context.Background(), CommandTimeout)
 	defer cancel()
