@@ -60,9 +60,12 @@ test: deps build vet
 demo: deps build
 	scripts/demo.sh
 
-# bench: the benchmarks (scripts/bench.sh); also installs the benchmark tools (dnsperf).
+# bench: the benchmarks (scripts/bench.sh); also installs the benchmark tools (dnsperf) and builds the
+# reference CoreDNS from the separate module in tools/coredns, cached in /var/cache/edgewire
+# (scripts/bench-tools.sh: a cold build takes a few minutes; then it is instant).
 bench:
 	scripts/install-deps.sh --bench
+	scripts/bench-tools.sh
 	$(MAKE) build
 	scripts/bench.sh
 

@@ -14,15 +14,23 @@ import (
 // maxCacheTTL caps how long any upstream answer is cached.
 const maxCacheTTL = 3600
 
-// errNoUpstreams is why a name outside the cluster domain gets SERVFAIL when no upstream is
-// configured.
-var errNoUpstreams = errors.New("no upstream resolvers configured")
+var (
+	// errNoUpstreams is why a name outside the cluster domain gets SERVFAIL when no upstream is
+	// configured.
+	errNoUpstreams = errors.New("no upstream resolvers configured")
+	// errWouldWait is what resolve returns, told not to wait, instead of asking the upstreams.
+	errWouldWait = errors.New("not cached: the upstreams must be asked")
+)
 
 // forward answers q (a name outside the cluster domain; name is q.Name lowercased) from the cache
-// or the upstreams, or with SERVFAIL when neither can.
-func (s *Server) forward(ctx context.Context, r *mdns.Msg, q mdns.Question, name string, opt *mdns.OPT) *mdns.Msg {
+// or the upstreams, or with SERVFAIL when neither can. With wait false, a cache miss returns ok
+// false, having counted nothing.
+func (s *Server) forward(ctx context.Context, r *mdns.Msg, q mdns.Question, name string, opt *mdns.OPT, wait bool) (*mdns.Msg, bool) {
 	do := opt != nil && opt.Do()
-	m, hit, err := s.resolve(ctx, name, q.Qtype, q.Qclass, do, r.CheckingDisabled)
+	m, hit, err := s.resolve(ctx, name, q.Qtype, q.Qclass, do, r.CheckingDisabled, wait)
+	if errors.Is(err, errWouldWait) {
+		return nil, false
+	}
 	if err != nil {
 		s.servFail.Add(1)
 		if !errors.Is(err, errNoUpstreams) && s.forwardLog.allow(s.now()) {
@@ -30,7 +38,7 @@ func (s *Server) forward(ctx context.Context, r *mdns.Msg, q mdns.Question, name
 		}
 		m := rcodeReply(r, mdns.RcodeServerFailure)
 		m.RecursionAvailable = len(s.upstreams) > 0
-		return m
+		return m, true
 	}
 	if hit {
 		s.cacheHits.Add(1)
@@ -42,13 +50,13 @@ func (s *Server) forward(ctx context.Context, r *mdns.Msg, q mdns.Question, name
 	m.Opcode = mdns.OpcodeQuery
 	m.RecursionDesired = r.RecursionDesired
 	m.Question = []mdns.Question{q} // the client's spelling of the name
-	return m
+	return m, true
 }
 
 // resolve returns a private copy of the upstream answer to (name, qtype, qclass) with the given
-// DO and CD bits, from the cache when it holds one (hit), else from the upstreams; its OPT record
-// is removed.
-func (s *Server) resolve(ctx context.Context, name string, qtype, qclass uint16, do, cd bool) (m *mdns.Msg, hit bool, err error) {
+// DO and CD bits, from the cache when it holds one (hit), else from the upstreams — unless wait is
+// false: then errWouldWait; its OPT record is removed.
+func (s *Server) resolve(ctx context.Context, name string, qtype, qclass uint16, do, cd, wait bool) (m *mdns.Msg, hit bool, err error) {
 	if len(s.upstreams) == 0 {
 		return nil, false, errNoUpstreams
 	}
@@ -57,6 +65,9 @@ func (s *Server) resolve(ctx context.Context, name string, qtype, qclass uint16,
 		if m := s.cache.get(key, s.now()); m != nil {
 			return m, true, nil
 		}
+	}
+	if !wait {
+		return nil, false, errWouldWait
 	}
 	m, err = s.exchange(ctx, key)
 	if err != nil {

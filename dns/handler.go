@@ -20,8 +20,8 @@ func (s *Server) ServeDNS(w mdns.ResponseWriter, r *mdns.Msg) {
 	if m == nil {
 		return
 	}
-	if err := w.WriteMsg(m); err != nil && s.writeLog.allow(s.now()) {
-		s.logger.Warn("dns reply not written (rate-limited log)", "remote", w.RemoteAddr(), "err", err)
+	if err := w.WriteMsg(m); err != nil {
+		s.logWriteError(w.RemoteAddr(), err)
 	}
 }
 
@@ -39,18 +39,29 @@ func isTCP(w mdns.ResponseWriter) bool {
 
 // reply builds the whole reply to r, ready to write, or nil when r cannot be answered at all.
 func (s *Server) reply(ctx context.Context, r *mdns.Msg, tcp bool) *mdns.Msg {
+	m, _ := s.respond(ctx, r, tcp, true)
+	return m
+}
+
+// respond is reply. With wait false it does not ask the upstreams: when the reply needs them (a
+// forwarding cache miss, a CNAME to chase) it returns ok false and counts nothing.
+func (s *Server) respond(ctx context.Context, r *mdns.Msg, tcp, wait bool) (m *mdns.Msg, ok bool) {
 	if r == nil {
 		s.dropped.Add(1)
-		return nil
+		return nil, true
 	}
-	s.queries.Add(1)
+	defer func() {
+		if ok {
+			s.queries.Add(1)
+		}
+	}()
 	if r.Response || len(r.Question) != 1 {
 		s.formErr.Add(1)
-		return rcodeReply(r, mdns.RcodeFormatError)
+		return rcodeReply(r, mdns.RcodeFormatError), true
 	}
 	if r.Opcode != mdns.OpcodeQuery {
 		s.notImp.Add(1)
-		return rcodeReply(r, mdns.RcodeNotImplemented)
+		return rcodeReply(r, mdns.RcodeNotImplemented), true
 	}
 	opt := r.IsEdns0()
 	if opt != nil && opt.Version() != 0 {
@@ -58,13 +69,12 @@ func (s *Server) reply(ctx context.Context, r *mdns.Msg, tcp bool) *mdns.Msg {
 		s.formErr.Add(1)
 		m := rcodeReply(r, mdns.RcodeBadVers)
 		m.Extra = []mdns.RR{newOPT(false)}
-		return m
+		return m, true
 	}
 	q := r.Question[0]
 	name := strings.ToLower(q.Name)
 	idx := s.idx.Load()
 	n := idx.names[name]
-	var m *mdns.Msg
 	switch inZone := idx.inZone(name); {
 	case inZone || (n != nil && q.Qtype == mdns.TypePTR):
 		if q.Qclass != mdns.ClassINET && q.Qclass != mdns.ClassANY {
@@ -72,12 +82,21 @@ func (s *Server) reply(ctx context.Context, r *mdns.Msg, tcp bool) *mdns.Msg {
 			m = rcodeReply(r, mdns.RcodeRefused)
 			break
 		}
-		m = s.clusterReply(ctx, idx, r, q, n)
+		if !wait && n != nil && n.chases(q.Qtype) {
+			return nil, false
+		}
+		s.cluster.Add(1)
+		if n == nil {
+			s.nxdomain.Add(1)
+		}
+		m = s.clusterAnswer(ctx, idx, r, q, n)
 	default:
-		m = s.forward(ctx, r, q, name, opt)
+		if m, ok = s.forward(ctx, r, q, name, opt, wait); !ok {
+			return nil, false
+		}
 	}
 	finish(m, opt, tcp)
-	return m
+	return m, true
 }
 
 // finish adds the OPT record when the query had one and truncates the reply to what the
@@ -129,15 +148,14 @@ func (idx *index) inZone(name string) bool {
 	return name == idx.zone || strings.HasSuffix(name, idx.dotZone)
 }
 
-// clusterReply answers q from idx. n is the node of the name, nil when the name does not exist.
-func (s *Server) clusterReply(ctx context.Context, idx *index, r *mdns.Msg, q mdns.Question, n *node) *mdns.Msg {
-	s.cluster.Add(1)
+// clusterAnswer answers q from idx. n is the node of the name, nil when the name does not exist.
+// It counts nothing: the callers do.
+func (s *Server) clusterAnswer(ctx context.Context, idx *index, r *mdns.Msg, q mdns.Question, n *node) *mdns.Msg {
 	m := new(mdns.Msg)
 	m.SetReply(r)
 	m.Authoritative = true
 	m.RecursionAvailable = len(s.upstreams) > 0
 	if n == nil {
-		s.nxdomain.Add(1)
 		m.Rcode = mdns.RcodeNameError
 		m.Ns = idx.soa
 		return m
@@ -162,13 +180,18 @@ func (s *Server) clusterReply(ctx context.Context, idx *index, r *mdns.Msg, q md
 	case mdns.TypeANY:
 		m.Answer = n.all()
 	}
-	if n.cname != nil && q.Qtype != mdns.TypeCNAME && q.Qtype != mdns.TypeANY {
+	if n.chases(q.Qtype) {
 		m.Answer = s.chase(ctx, idx, n.cname, q)
 	}
 	if len(m.Answer) == 0 {
 		m.Ns = idx.soa // NODATA
 	}
 	return m
+}
+
+// chases reports whether the answer of n to qtype follows n's CNAME (which may need an upstream).
+func (n *node) chases(qtype uint16) bool {
+	return n.cname != nil && qtype != mdns.TypeCNAME && qtype != mdns.TypeANY
 }
 
 // all returns every record of n, for ANY queries.
@@ -196,7 +219,7 @@ func (s *Server) chase(ctx context.Context, idx *index, cname *mdns.CNAME, q mdn
 	for range maxChase {
 		tn := idx.names[target]
 		if tn == nil && !idx.inZone(target) {
-			fm, _, err := s.resolve(ctx, target, q.Qtype, mdns.ClassINET, false, false)
+			fm, _, err := s.resolve(ctx, target, q.Qtype, mdns.ClassINET, false, false, true)
 			if err == nil && fm.Rcode == mdns.RcodeSuccess {
 				ans = append(ans, fm.Answer...)
 			}

@@ -6,6 +6,7 @@ import (
 	"slices"
 	"strconv"
 	"strings"
+	"sync/atomic"
 	"time"
 
 	mdns "github.com/miekg/dns"
@@ -15,15 +16,20 @@ import (
 
 // index is the query-ready form of one catalog snapshot: every name of the cluster zone the server
 // answers for, lowercased and fully qualified, mapped to its prepared records. buildIndex makes it;
-// after that nothing modifies it, so queries read it without locks. Every RR slice in it has
-// len == cap, so a reply that appends to one (an OPT record, a CNAME chain) copies instead of
-// writing into the shared array.
+// after that nothing modifies its records, so queries read it without locks. The one thing written
+// later is the packed replies of the UDP fast path (udp.go), each packed on first use and
+// published through an atomic pointer: two queries racing to pack one store identical bytes, and
+// an Update, which swaps the whole index, swaps them with it. Every RR slice in it has len == cap,
+// so a reply that appends to one (an OPT record, a CNAME chain) copies instead of writing into the
+// shared array.
 type index struct {
 	zone    string           // "cluster.local."
 	dotZone string           // ".cluster.local."
 	names   map[string]*node // lowercase fqdn → records; parents are present as empty nodes
 	soa     []mdns.RR        // the zone's SOA, for the authority section of negative answers
 	skipped int              // services left out because their names are not DNS labels
+
+	nxdomain atomic.Pointer[packedReply] // the NXDOMAIN reply of every missing name of the zone
 }
 
 // node holds the records of one name, by type. A node with no records is an empty non-terminal
@@ -37,6 +43,9 @@ type node struct {
 	soa      []mdns.RR // apex only
 	ns       []mdns.RR // apex only
 	nsExtra  []mdns.RR
+	zone     bool // the name is in the cluster zone (not a reverse name)
+
+	wire [2]atomic.Pointer[packedReply] // packed A and AAAA replies, by wireSlot
 }
 
 // nsLabel is the name, under the zone, of the server itself in the apex NS record (as CoreDNS's
@@ -77,8 +86,9 @@ func buildIndex(snap *discovery.Snapshot, zone string, ttl uint32, selfAddr neti
 			b.service(svc)
 		}
 	}
-	for _, n := range b.idx.names {
+	for name, n := range b.idx.names {
 		n.clip()
+		n.zone = b.idx.inZone(name)
 	}
 	return b.idx
 }

@@ -7,7 +7,10 @@
 //
 // The server is built on github.com/miekg/dns. Server is an mdns.Handler, so it can be tested
 // in-process through a recorder; Start serves it on a PacketConn and a Listener handed in by the
-// caller (in the agent, sockets of the gVisor service netstack at the DNS address).
+// caller (in the agent, sockets of the gVisor service netstack at the DNS address). Over UDP the
+// server answers on its read loop: the common queries (A and AAAA of cluster names, missing names
+// of the zone) from replies packed once per index, the others that need no upstream through the
+// handler; only the rest go to miekg's goroutine per query (udp.go).
 package dns
 
 import (
@@ -205,11 +208,9 @@ func (s *Server) Start(pc net.PacketConn, ln net.Listener) error {
 	}
 	s.started = true
 	if pc != nil {
-		if _, ok := pc.(*net.UDPConn); !ok {
-			pc = temporaryTimeouts{pc}
-		}
 		srv := s.newMiekg()
 		srv.PacketConn = pc
+		srv.DecorateReader = s.decorateReader // answers on the read loop (udp.go)
 		if err := s.serveLocked(srv, "udp", pc.LocalAddr()); err != nil {
 			if ln != nil {
 				ln.Close()
@@ -346,16 +347,26 @@ func (s *Server) Lookup(ctx context.Context, name string, qtype uint16) (*mdns.M
 // a message that is a response gets FORMERR rather than silence, as does one with a question
 // count other than 1, and every rejection is counted.
 func (s *Server) accept(dh mdns.Header) mdns.MsgAcceptAction {
+	action := acceptAction(dh)
+	switch action {
+	case mdns.MsgReject:
+		s.queries.Add(1)
+		s.formErr.Add(1)
+	case mdns.MsgRejectNotImplemented:
+		s.queries.Add(1)
+		s.notImp.Add(1)
+	}
+	return action
+}
+
+// acceptAction is what accept decides, without counting.
+func acceptAction(dh mdns.Header) mdns.MsgAcceptAction {
 	const qr = 1 << 15
 	opcode := int(dh.Bits>>11) & 0xF
 	switch {
 	case dh.Bits&qr != 0, dh.Qdcount != 1, dh.Ancount > 1, dh.Nscount > 1, dh.Arcount > 2:
-		s.queries.Add(1)
-		s.formErr.Add(1)
 		return mdns.MsgReject
 	case opcode != mdns.OpcodeQuery:
-		s.queries.Add(1)
-		s.notImp.Add(1)
 		return mdns.MsgRejectNotImplemented
 	}
 	return mdns.MsgAccept
@@ -371,25 +382,6 @@ func (s *Server) invalid(m []byte, err error) {
 	s.queries.Add(1)
 	s.formErr.Add(1)
 }
-
-// temporaryTimeouts wraps a PacketConn that is not a *net.UDPConn. miekg's generic PacketConn
-// path re-arms a read deadline before every read and stops serving on any read error that is not
-// Temporary; a timeout is always temporary for it here, whatever the conn's error type says.
-type temporaryTimeouts struct{ net.PacketConn }
-
-func (c temporaryTimeouts) ReadFrom(b []byte) (int, net.Addr, error) {
-	n, addr, err := c.PacketConn.ReadFrom(b)
-	if ne, ok := err.(net.Error); ok && ne.Timeout() {
-		err = timeoutErr{err}
-	}
-	return n, addr, err
-}
-
-type timeoutErr struct{ error }
-
-func (e timeoutErr) Unwrap() error   { return e.error }
-func (e timeoutErr) Timeout() bool   { return true }
-func (e timeoutErr) Temporary() bool { return true }
 
 // rateLimit lets one log line through per interval.
 type rateLimit struct{ last atomic.Int64 }
