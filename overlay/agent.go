@@ -16,6 +16,7 @@ import (
 	"net"
 	"net/netip"
 	"os"
+	"runtime/debug"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -149,6 +150,9 @@ func (c *Config) setDefaults() error {
 	return nil
 }
 
+// releaseEvery is the least time between two returns of freed memory to the kernel (releaseMemory).
+const releaseEvery = 2 * time.Second
+
 // Agent is one node's agent.
 type Agent struct {
 	cfg    Config
@@ -164,6 +168,8 @@ type Agent struct {
 	stack    atomic.Pointer[netstack.Stack]
 
 	health *health // nil without HealthAddr
+	// release asks releaseMemory to return freed memory to the kernel (a catalog was applied).
+	release chan struct{}
 
 	downOnce sync.Once
 	down     chan struct{}
@@ -188,6 +194,8 @@ func New(cfg Config) (*Agent, error) {
 		logger: logger.With("component", "agent"),
 		dns:    d,
 		down:   make(chan struct{}),
+		// Buffered: apply never waits for releaseMemory.
+		release: make(chan struct{}, 1),
 	}
 	// The proxy dials endpoints through the mesh, which exists once Run has loaded the identity.
 	a.proxy = proxy.New(proxy.Config{Logger: logger, Dialer: (*meshDialer)(a), LocalNode: cfg.NodeName})
@@ -240,6 +248,13 @@ func (a *Agent) Run(ctx context.Context) (err error) {
 	// The catalog first: an agent with a broken catalog file should fail before touching the host.
 	ctx, cancel := context.WithCancel(ctx)
 	defer cancel()
+	var memWG sync.WaitGroup
+	memWG.Go(func() { a.releaseMemory(ctx) })
+	cleanups = append(cleanups, func() error {
+		cancel()
+		memWG.Wait()
+		return nil
+	})
 	first := make(chan struct{})
 	var firstOnce sync.Once
 	srcErr := make(chan error, 1)
@@ -385,6 +400,29 @@ func (a *Agent) apply(s *discovery.Snapshot) {
 	}
 	a.logger.Info("catalog applied", "services", len(s.Services), "endpoints", eps,
 		"nodes", len(s.Nodes), "took", time.Since(start))
+	select {
+	case a.release <- struct{}{}:
+	default:
+	}
+}
+
+// releaseMemory returns the previous catalog's memory to the kernel after each change, at most once
+// per releaseEvery, until ctx is done. Without it an idle agent keeps the old catalog and the
+// parser's garbage (twice the live set) in its RSS until the runtime's two-minute forced GC.
+func (a *Agent) releaseMemory(ctx context.Context) {
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-a.release:
+		}
+		debug.FreeOSMemory()
+		select {
+		case <-ctx.Done():
+			return
+		case <-time.After(releaseEvery):
+		}
+	}
 }
 
 // meshDialer is the proxy's EndpointDialer: the mesh once it exists.

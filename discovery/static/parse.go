@@ -73,6 +73,9 @@ type parser struct {
 	wgKeys   map[string]*parsedNode    // by decoded WireGuard public key
 	order    []*parsedSlice            // slices in file order
 	ignored  map[string]int
+	// names interns endpoints' node and zone names: a few distinct values, each repeated on
+	// thousands of endpoints, would otherwise each be a string of their own.
+	names map[string]string
 }
 
 type parsedService struct {
@@ -100,6 +103,7 @@ func parse(data []byte, filename string) (*result, error) {
 		nodes:    make(map[string]*parsedNode),
 		wgKeys:   make(map[string]*parsedNode),
 		ignored:  make(map[string]int),
+		names:    make(map[string]string),
 	}
 	dec := yaml.NewDecoder(bytes.NewReader(data))
 	for doc := 1; ; doc++ {
@@ -434,8 +438,8 @@ func (p *parser) endpointSlice(o *object) error {
 		ps.endpoints = append(ps.endpoints, discovery.Endpoint{
 			Addresses:   addrs,
 			Hostname:    e.Hostname,
-			NodeName:    e.NodeName,
-			Zone:        e.Zone,
+			NodeName:    p.intern(e.NodeName),
+			Zone:        p.intern(e.Zone),
 			Ready:       ready,
 			Serving:     serving,
 			Terminating: c.Terminating != nil && *c.Terminating,
@@ -445,6 +449,18 @@ func (p *parser) endpointSlice(o *object) error {
 	p.slices[key] = ps
 	p.order = append(p.order, ps)
 	return nil
+}
+
+// intern returns s, or an equal string returned before.
+func (p *parser) intern(s string) string {
+	if s == "" {
+		return ""
+	}
+	if v, ok := p.names[s]; ok {
+		return v
+	}
+	p.names[s] = s
+	return s
 }
 
 // finish joins slices to services and sorts everything.

@@ -21,9 +21,9 @@ func (p *Proxy) candidates(dst []*target, sp *svcPort, client netip.Addr) []*tar
 		seq = sp.rr.Add(1) - 1 // one round-robin step per flow, whatever the grouping
 	}
 	var order []*target
-	if sp.local != nil {
-		order = p.policyOrder(dst, sp.local, sp, client, seq)
-		order = p.policyOrder(order, sp.remote, sp, client, seq)
+	if sp.nLocal > 0 {
+		order = p.policyOrder(dst, sp.targets[:sp.nLocal], sp, client, seq)
+		order = p.policyOrder(order, sp.targets[sp.nLocal:], sp, client, seq)
 	} else {
 		order = p.policyOrder(dst, sp.targets, sp, client, seq)
 	}
@@ -37,7 +37,7 @@ func (p *Proxy) candidates(dst []*target, sp *svcPort, client netip.Addr) []*tar
 
 // policyOrder appends targets to dst in the order of sp's policy; seq is the flow's round-robin
 // step.
-func (p *Proxy) policyOrder(dst, targets []*target, sp *svcPort, client netip.Addr, seq uint64) []*target {
+func (p *Proxy) policyOrder(dst []*target, targets []target, sp *svcPort, client netip.Addr, seq uint64) []*target {
 	n := len(targets)
 	if n == 0 {
 		return dst
@@ -53,13 +53,16 @@ func (p *Proxy) policyOrder(dst, targets []*target, sp *svcPort, client netip.Ad
 }
 
 // rotation appends targets starting at index start and wrapping around.
-func rotation(dst, targets []*target, start int) []*target {
-	dst = append(dst, targets[start:]...)
-	return append(dst, targets[:start]...)
+func rotation(dst []*target, targets []target, start int) []*target {
+	dst = slices.Grow(dst, len(targets))
+	for i := range targets {
+		dst = append(dst, &targets[(start+i)%len(targets)])
+	}
+	return dst
 }
 
 // sourceHashOrder appends targets by descending rendezvous weight for client.
-func sourceHashOrder(dst, targets []*target, client netip.Addr) []*target {
+func sourceHashOrder(dst []*target, targets []target, client netip.Addr) []*target {
 	type scored struct {
 		w uint64
 		t *target
@@ -67,7 +70,8 @@ func sourceHashOrder(dst, targets []*target, client netip.Addr) []*target {
 	var buf [inlineTargets]scored
 	ws := buf[:0]
 	c := addrHash(client)
-	for _, t := range targets {
+	for i := range targets {
+		t := &targets[i]
 		ws = append(ws, scored{w: mix64(c ^ t.hash), t: t})
 	}
 	slices.SortFunc(ws, func(a, b scored) int {
@@ -149,6 +153,12 @@ type backend struct {
 func (b *backend) ejected(now time.Time) bool {
 	u := b.ejectedUntil.Load()
 	return u != 0 && now.UnixNano() < u
+}
+
+// failing reports whether the backend's last dial failed (ejected now or earlier, and not
+// recovered since).
+func (b *backend) failing() bool {
+	return b.ejectedUntil.Load() != 0
 }
 
 // until returns the end of the ejection and the consecutive failures, or zero values.

@@ -144,10 +144,10 @@ type Proxy struct {
 	table atomic.Pointer[table]
 	stats counters
 
-	// mu serialises Update and guards all following fields: the state that survives Update.
-	mu       sync.Mutex
-	backends map[netip.AddrPort]*backend
-	ports    map[portKey]*portState
+	// mu serialises Update and guards all following fields: the state that survives Update (with
+	// what the table holds, see carry).
+	mu    sync.Mutex
+	ports map[portKey]*portState
 }
 
 // New returns a Proxy with an empty table.
@@ -161,7 +161,6 @@ func New(cfg Config) *Proxy {
 		ejectMax:       cfg.EjectMax,
 		now:            cfg.Now,
 		rand:           cfg.Rand,
-		backends:       map[netip.AddrPort]*backend{},
 		ports:          map[portKey]*portState{},
 	}
 	if p.log == nil {

@@ -136,7 +136,8 @@ func (p *Proxy) Services() []ServiceStatus {
 				ps.AffinityClients = sp.affinity.len()
 			}
 			st.Ports = append(st.Ports, ps)
-			for _, tg := range sp.targets {
+			for i := range sp.targets {
+				tg := &sp.targets[i]
 				ts := TargetStatus{
 					Protocol:    sp.port.Protocol,
 					ServicePort: sp.port.Port,
