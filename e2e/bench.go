@@ -241,13 +241,19 @@ type BenchBinaries struct {
 	// WireGuardGo is the reference wireguard-go, built from the module version go.mod requires, the
 	// one the agent links.
 	WireGuardGo string
+	// EdgeMeshRef is e2e/edgemeshref: the EdgeMesh-style tunnel (libp2p streams over TCP, TLS, yamux).
+	EdgeMeshRef string
 }
 
-// BuildBenchBinaries builds benchtool and wireguard-go into dir.
+// BuildBenchBinaries builds benchtool, wireguard-go and edgemeshref into dir.
 func BuildBenchBinaries(dir string) (BenchBinaries, error) {
 	b := BenchBinaries{
 		Benchtool:   filepath.Join(dir, "benchtool"),
 		WireGuardGo: filepath.Join(dir, "wireguard-go"),
+		EdgeMeshRef: filepath.Join(dir, "edgemeshref"),
+	}
+	if err := goBuild(b.EdgeMeshRef, "github.com/edgewire/edgewire/e2e/edgemeshref"); err != nil {
+		return b, err
 	}
 	if err := goBuild(b.Benchtool, "github.com/edgewire/edgewire/e2e/benchtool"); err != nil {
 		return b, err

@@ -18,9 +18,11 @@ import (
 )
 
 // The benchmark suite (`make bench`, scripts/bench.sh): it measures and prints, it does not judge
-// speed. A measurement fails, and fails the run, only when its transfer fails. One run builds three
-// topologies in turn and writes one report (table on stdout, JSON under bench/results/); the third,
-// a NAT lab, is described in bench_nat_test.go.
+// speed. A measurement fails, and fails the run, only when its transfer fails. One run builds six
+// topologies in turn and writes one report (table on stdout, JSON under bench/results/): single node
+// and cross node below, the NAT lab (bench_nat_test.go), DNS against CoreDNS (bench_dns_test.go), 1%
+// packet loss between two routers (bench_edgemesh_test.go) and memory and propagation at scale
+// (bench_scale_test.go). docs/bench.md describes every measurement.
 //
 // single node ("foundation"), LAN 10.77.1.0/24:
 //
@@ -36,7 +38,8 @@ import (
 //	pod1   10.244.1.10, behind node1 on a veth (node1 is 10.244.1.1): iperf3 -s and echo
 //
 // node2 → service IP → pod1 over the agents' WireGuard overlay against node2 → node1 over the LAN
-// (plain veth and bridge) and node2 → node1 over a bare wireguard-go pair configured with `wg`.
+// (plain veth and bridge), node2 → node1 over a bare wireguard-go pair configured with `wg` and
+// node2 → pod1 through the EdgeMesh-style tunnel (bench_edgemesh_test.go).
 //
 // Environment: BENCH_RESULTS_DIR is where the JSON goes (default ../bench/results, i.e. the
 // repository's bench/results); BENCH_OVERLAY_MTU, when set, is the cross-node agents' --mtu and the
@@ -103,11 +106,14 @@ func TestBench(t *testing.T) {
 	if b.tools, err = BuildBenchBinaries(t.TempDir()); err != nil {
 		t.Fatalf("build benchmark binaries: %v", err)
 	}
-	t.Logf("built benchtool and wireguard-go in %v", time.Since(start).Round(time.Millisecond))
+	t.Logf("built benchtool, wireguard-go and edgemeshref in %v", time.Since(start).Round(time.Millisecond))
 
 	t.Run("singlenode", b.singleNode)
 	t.Run("crossnode", b.crossNode)
 	t.Run("nat", b.natTraversal)
+	t.Run("dns", b.dns)
+	t.Run("loss", b.loss)
+	t.Run("scale", b.scale)
 
 	b.report.Finish()
 	b.report.WriteTable(os.Stdout)
@@ -128,7 +134,9 @@ func benchCatalog(ip, node string) []ServiceSpec {
 	return []ServiceSpec{
 		// iperf3 opens one control and N data connections: all go to the one endpoint.
 		{Name: "iperf", ClusterIP: benchIperfIP, Endpoints: eps,
-			Ports: []PortSpec{{Name: "iperf", Port: benchIperf, TargetPort: benchIperf}}},
+			Ports: []PortSpec{{Name: "iperf", Port: benchIperf, TargetPort: benchIperf},
+				// iperf3 -u: the control connection over TCP, the datagrams over UDP (crossUDP).
+				{Name: "iperf-udp", Protocol: "UDP", Port: benchIperf, TargetPort: benchIperf}}},
 		{Name: "echo", ClusterIP: benchEchoIP, Endpoints: eps,
 			Ports: []PortSpec{{Name: "echo", Port: benchEcho, TargetPort: benchEcho}}},
 	}
@@ -277,21 +285,23 @@ func (b *bench) crossNode(t *testing.T) {
 	b.warmUp(t, node2, net.JoinHostPort(benchEchoIP, strconv.Itoa(benchEcho)))
 	t.Logf("first round trip through the overlay after %v", time.Since(start).Round(time.Millisecond))
 
-	b.wireguardGo(t, lab, node1, node2)
+	b.wireguardGo(t, lab, node1, node2, "10.77.2.1", "10.77.2.2")
 	b.warmUp(t, node2, net.JoinHostPort("10.99.0.1", strconv.Itoa(benchEcho)))
+	edgemesh := b.edgemeshRef(t, lab, node1, node2, "10.77.2.1", "10.244.1.10")
 
 	const p = "cross."
 	targets := []struct{ name, iperf, echo string }{
 		{"veth", "10.77.2.1", "10.77.2.1"},
 		{"wireguard-go", "10.99.0.1", "10.99.0.1"},
+		{"edgemesh", edgemesh, edgemesh},
 		{"mesh", benchIperfIP, benchEchoIP},
 	}
 	refs := func(kind, name string) []string {
 		switch name {
-		case "wireguard-go":
+		case "wireguard-go", "edgemesh":
 			return []string{p + kind + ".veth"}
 		case "mesh":
-			return []string{p + kind + ".wireguard-go", p + kind + ".veth"}
+			return []string{p + kind + ".wireguard-go", p + kind + ".edgemesh", p + kind + ".veth"}
 		}
 		return nil
 	}
@@ -306,12 +316,15 @@ func (b *bench) crossNode(t *testing.T) {
 			b.benchtool(t, mode, p+mode+"."+tg.name, node2, tg.echo, refs(mode, tg.name)...)
 		}
 	}
+	b.crossGoals(p)
+	b.crossUDP(t, node2)
 }
 
 // wireguardGo sets up the raw wireguard-go reference: the binary built from the module the agent
-// links, one instance in each of a and b (interfaces named after the lab, as their UAPI sockets
-// share the host's /var/run/wireguard), configured with `wg set`, addresses 10.99.0.1 and .2.
-func (b *bench) wireguardGo(t *testing.T, lab *Lab, a, c *Node) {
+// links, one instance in each of a and c (interfaces named after the lab, as their UAPI sockets
+// share the host's /var/run/wireguard), configured with `wg set`, addresses 10.99.0.1 and .2, each
+// the other's endpoint at its address aLAN or cLAN.
+func (b *bench) wireguardGo(t *testing.T, lab *Lab, a, c *Node, aLAN, cLAN string) {
 	t.Helper()
 	type end struct {
 		node       *Node
@@ -321,8 +334,8 @@ func (b *bench) wireguardGo(t *testing.T, lab *Lab, a, c *Node) {
 		pub        string
 	}
 	ends := []*end{
-		{node: a, ifName: "wg" + lab.ID + "ref1", lan: "10.77.2.1", inner: "10.99.0.1"},
-		{node: c, ifName: "wg" + lab.ID + "ref2", lan: "10.77.2.2", inner: "10.99.0.2"},
+		{node: a, ifName: "wg" + lab.ID + "ref1", lan: aLAN, inner: "10.99.0.1"},
+		{node: c, ifName: "wg" + lab.ID + "ref2", lan: cLAN, inner: "10.99.0.2"},
 	}
 	for _, e := range ends {
 		priv, err := exec.Command("wg", "genkey").Output()

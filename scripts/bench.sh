@@ -9,7 +9,8 @@
 # MTU N instead of the product's default; the report records it.
 #
 # Needs root and the tools of `scripts/install-deps.sh --bench`; `make bench` installs them and
-# builds first. A full run takes about five minutes. The numbers are measurements, not pass/fail
+# builds first (scripts/bench-tools.sh builds the reference CoreDNS). A full run takes about 15
+# minutes. The numbers are measurements, not pass/fail
 # thresholds: the run fails only when a transfer fails.
 set -euo pipefail
 
@@ -22,7 +23,7 @@ if [[ $(id -u) -ne 0 ]]; then
 	echo "bench.sh: must run as root (it creates network namespaces and TUN devices)" >&2
 	exit 1
 fi
-for tool in ip iperf3 wg; do
+for tool in ip iperf3 wg dnsperf taskset; do
 	if ! command -v "$tool" >/dev/null; then
 		echo "bench.sh: $tool not found: run \`scripts/install-deps.sh --bench\`" >&2
 		exit 1
