@@ -13,8 +13,9 @@ type ACL interface {
 // Limits bounds what each node may use. The zero value of each field means its default.
 type Limits struct {
 	// DataRate is the sustained rate, in bytes per second, of DATA frames a node may send through
-	// the relay (default 125e6, 1 Gbit/s: a relay carries data paths, not just signalling); DataBurst
-	// the bucket size in bytes (default 4 MiB).
+	// the relay (default 1.25e9, 10 Gbit/s: a relay carries data paths, and one relayed TCP flow
+	// between two agents exceeds 1 Gbit/s, so the default guards the relay without capping a
+	// path); DataBurst the bucket size in bytes (default 16 MiB).
 	// Frames over the limit are dropped and counted.
 	DataRate  float64
 	DataBurst int
@@ -34,8 +35,8 @@ type Limits struct {
 // DefaultLimits returns the limits used for zero fields.
 func DefaultLimits() Limits {
 	return Limits{
-		DataRate:        1e9 / 8,
-		DataBurst:       4 << 20,
+		DataRate:        10e9 / 8,
+		DataBurst:       16 << 20,
 		PunchRate:       5,
 		PunchBurst:      20,
 		MaxNodes:        10000,

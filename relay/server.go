@@ -72,12 +72,14 @@ type Server struct {
 	closed     bool
 	host       host.Host
 	udp        *net.UDPConn
+	udpPC      batchConn // udp for batched I/O; set by Start before readUDP starts
+	udpGSO     bool      // the kernel segments UDP sends (GSO) on udp
 	metricsLn  net.Listener
 	metricsSrv *http.Server
 	sessions   map[string]*session         // registered nodes by name
 	streams    map[network.Stream]struct{} // every stream being served, registered or not
 
-	udpMu  sync.RWMutex // guards all following fields and the addr field of every udpNode
+	udpMu  sync.RWMutex // guards all following fields and the addr and ua fields of every udpNode
 	byID   map[uint32]*udpNode
 	byAddr map[netip.AddrPort]*udpNode
 }
@@ -87,6 +89,7 @@ type udpNode struct {
 	id   uint32
 	key  []byte
 	addr netip.AddrPort // bound (reflexive) address; guarded by Server.udpMu
+	ua   *net.UDPAddr   // addr for sendmmsg, nil when addr is not valid; guarded by Server.udpMu
 	// data is the node's DATA rate limit; only the UDP reader goroutine touches it.
 	data bucket
 }
@@ -231,10 +234,14 @@ func (s *Server) Start() error {
 		})
 	}
 	s.udp, s.host = udp, h
+	var gro bool
+	s.udpGSO, gro = setupSocket(udp)
+	s.udpPC = newBatchConn(udp)
 	h.SetStreamHandler(ProtocolID, s.handleStream)
 	s.wg.Go(s.readUDP)
 	s.wg.Go(s.pushDirectory)
-	s.log.Info("relay started", "peer", s.id.String(), "port", s.udp.LocalAddr().(*net.UDPAddr).Port)
+	s.log.Info("relay started", "peer", s.id.String(), "port", s.udp.LocalAddr().(*net.UDPAddr).Port,
+		"udp_gso", s.udpGSO, "udp_gro", gro)
 	return nil
 }
 

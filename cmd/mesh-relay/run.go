@@ -30,6 +30,7 @@ type options struct {
 	logLevel      string
 	kubeSecret    string
 	kubeconfig    string
+	rateLimit     float64
 }
 
 func newRootCmd() *cobra.Command {
@@ -47,7 +48,7 @@ and gives it a node ID. Registered nodes get the node directory (name, keys, ove
 LAN addresses and the public address of each node's WireGuard socket), pushed on every change;
 they ask the relay to coordinate simultaneous hole punches; and when no direct path works they
 send their WireGuard datagrams through the relay, which forwards them between registered nodes
-within a per-node rate limit. Relayed traffic stays end-to-end encrypted by WireGuard.
+within a per-node rate limit (--rate-limit). Relayed traffic stays end-to-end encrypted by WireGuard.
 Unregistered peers get nothing.
 
 The relay listens on --listen (a port, or ADDR:PORT; default 4001) for libp2p over TCP and for
@@ -83,6 +84,7 @@ The relay runs in the foreground until SIGINT or SIGTERM.`,
 	f.StringArrayVar(&o.advertise, "advertise-addr", nil, "HOST:PORT (or multiaddr) to announce instead of the listen addresses; repeatable")
 	f.StringVar(&o.metricsAddr, "metrics-addr", "", "HOST:PORT serving Prometheus metrics at /metrics (off when empty)")
 	f.StringVar(&o.logLevel, "log-level", "info", "debug, info, warn or error")
+	f.Float64Var(&o.rateLimit, "rate-limit", 10, "Gbit/s of relayed WireGuard data each node may send (burst 16 MiB); datagrams beyond it are dropped and counted")
 	f.StringVar(&o.kubeSecret, "kube-secret", "", "NAMESPACE/NAME of the Kubernetes Secret to publish the relay's addresses in (off when empty)")
 	f.StringVar(&o.kubeconfig, "kubeconfig", "", "with --kube-secret: kubeconfig file (default: in-cluster config)")
 	return cmd
@@ -128,6 +130,9 @@ func run(cmd *cobra.Command, o options) error {
 	} else if o.kubeconfig != "" {
 		return errors.New("--kubeconfig is only used with --kube-secret")
 	}
+	if o.rateLimit <= 0 || o.rateLimit > 1000 {
+		return fmt.Errorf("--rate-limit %g: want Gbit/s in (0, 1000]", o.rateLimit)
+	}
 	token, err := joinToken(o.joinToken, o.joinTokenFile, log)
 	if err != nil {
 		return err
@@ -140,6 +145,7 @@ func run(cmd *cobra.Command, o options) error {
 		StateDir:       o.stateDir,
 		AdvertiseAddrs: o.advertise,
 		MetricsAddr:    o.metricsAddr,
+		Limits:         relay.Limits{DataRate: o.rateLimit * 1e9 / 8},
 	})
 	if err != nil {
 		return err

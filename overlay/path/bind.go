@@ -26,12 +26,14 @@
 // where ID is the peer's node ID on that relay. So R ranges over 0..254 (MaxRelays) and ID over
 // 0..2^24-1 (MaxRelayNodeID); a peer whose ID is larger cannot be reached through that relay, and
 // a real peer at an address in 127.3.0.0/16 cannot be addressed. Send to a synthetic endpoint
-// wraps each datagram in a DATA frame for ID and sends it to relay R's UDP address from the
-// WireGuard socket. A DATA frame received from a relay's UDP address is unwrapped in place: a
-// WireGuard payload is moved to the start of its buffer, its size fixed, and its endpoint (a
-// StdNetEndpoint, fresh per datagram) rewritten to the source node's synthetic endpoint, so
-// wireguard-go sees ordinary WireGuard traffic, with no copy to another buffer and no allocation;
-// a PING or PONG payload goes to the packet handler from the synthetic endpoint, like a direct one.
+// wraps each datagram in a DATA frame for ID and sends the batch to relay R's UDP address from the
+// WireGuard socket, in one inner Send with the frames back to back in one buffer, so StdNetBind
+// still coalesces it with UDP GSO (see sendRelayed). A DATA frame received from a relay's UDP
+// address is unwrapped in place: a WireGuard payload is moved to the start of its buffer, its
+// size fixed, and its endpoint (a StdNetEndpoint, fresh per datagram) rewritten to the source
+// node's synthetic endpoint, so wireguard-go sees ordinary WireGuard traffic, with no copy to
+// another buffer and no allocation; a PING or PONG payload goes to the packet handler from the
+// synthetic endpoint, like a direct one.
 //
 // # Paths
 //

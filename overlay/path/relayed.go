@@ -104,11 +104,21 @@ func syntheticOf(ep conn.Endpoint) (netip.AddrPort, bool) {
 	return ap, true
 }
 
-// relayBatch is a pooled batch of DATA frames.
-type relayBatch struct{ bufs [][]byte }
+// relayBatch is a pooled batch of DATA frames, laid out back to back in buf.
+type relayBatch struct {
+	buf  []byte
+	bufs [][]byte
+}
 
 // sendRelayed wraps each datagram in a DATA frame for the node that synthetic address to names
-// and sends the batch to its relay from the WireGuard socket.
+// and sends the batch to its relay from the WireGuard socket, in one Send.
+//
+// The frames lie back to back in one buffer, and each frame's slice keeps the capacity that runs
+// on over the frames after it. That is what wireguard-go's StdNetBind needs to send the batch with
+// UDP GSO: it coalesces a batch for one endpoint by appending each datagram to the previous one
+// when that one has room (conn.coalesceMessages), which here finds the next frame already in place
+// (a copy onto itself). Without the room, every frame would be a datagram of its own, sendmmsg
+// but no GSO, and a relayed burst would cross the node's stack once per datagram instead of once.
 func (b *Bind) sendRelayed(bufs [][]byte, to netip.AddrPort) error {
 	r, id, ok := ParseSynthetic(to)
 	if !ok {
@@ -123,14 +133,21 @@ func (b *Bind) sendRelayed(bufs [][]byte, to netip.AddrPort) error {
 	if batch == nil {
 		batch = &relayBatch{}
 	}
-	for len(batch.bufs) < len(bufs) {
-		batch.bufs = append(batch.bufs, nil)
+	total := 0
+	for _, p := range bufs {
+		total += relay.DataHeaderLen + len(p)
 	}
-	out := batch.bufs[:len(bufs)]
-	for i, p := range bufs {
-		out[i] = append(relay.AppendDataHeader(out[i][:0], id), p...)
+	if cap(batch.buf) < total {
+		batch.buf = make([]byte, 0, total)
+	}
+	buf, out := batch.buf[:0], batch.bufs[:0]
+	for _, p := range bufs {
+		start := len(buf)
+		buf = append(relay.AppendDataHeader(buf, id), p...)
+		out = append(out, buf[start:]) // capacity to the end of buf: see above
 	}
 	err := b.inner.Send(out, t.relays[r].ep)
+	batch.buf, batch.bufs = buf[:0], out[:0]
 	b.batchPool.Put(batch)
 	if err != nil {
 		return err

@@ -5,6 +5,7 @@ import (
 	"encoding/hex"
 	"fmt"
 	"net/netip"
+	"slices"
 	"strings"
 	"sync"
 	"testing"
@@ -218,6 +219,72 @@ func TestRelayedSend(t *testing.T) {
 	}
 	if st := b.Stats(); st.RelayedOut != 4 || st.RelayedOutDropped != 2 {
 		t.Errorf("stats %+v, want RelayedOut 4, RelayedOutDropped 2", st)
+	}
+}
+
+// layoutBind is an inner Bind that checks, during Send, that each datagram lies right after the
+// previous one within its capacity: the layout StdNetBind's UDP GSO coalescing needs (see
+// Bind.sendRelayed).
+type layoutBind struct {
+	conn.Bind
+	sends  int
+	frames int
+	err    error
+}
+
+func (l *layoutBind) Send(bufs [][]byte, _ conn.Endpoint) error {
+	l.sends++
+	l.frames += len(bufs)
+	for i := 1; i < len(bufs) && l.err == nil; i++ {
+		prev := bufs[i-1]
+		if room := cap(prev) - len(prev); room < len(bufs[i]) {
+			l.err = fmt.Errorf("datagram %d has room for %d bytes after it, datagram %d needs %d", i-1, room, i, len(bufs[i]))
+		} else if &prev[:len(prev)+1][len(prev)] != &bufs[i][0] {
+			l.err = fmt.Errorf("datagram %d does not follow datagram %d in memory", i, i-1)
+		}
+	}
+	return nil
+}
+
+func TestRelayedSendLayout(t *testing.T) {
+	relayAddr := netip.MustParseAddrPort("192.0.2.1:3478")
+	inner := &layoutBind{Bind: conn.NewStdNetBind()}
+	b := NewBind(Config{Inner: inner})
+	if err := b.setRelays(map[int]netip.AddrPort{0: relayAddr}); err != nil {
+		t.Fatal(err)
+	}
+	synth, _ := SyntheticEndpoint(0, 7)
+	ep, err := b.ParseEndpoint(synth.String())
+	if err != nil {
+		t.Fatal(err)
+	}
+	tests := []struct {
+		name  string
+		sizes []int
+	}{
+		{"one datagram", []int{1440}},
+		{"full batch of full-size datagrams", slices.Repeat([]int{1440}, conn.IdealBatchSize)},
+		{"shorter last datagram", []int{1440, 1440, 1440, 96}},
+		{"mixed sizes", []int{96, 1440, 32, 1440, 1440}},
+		{"larger batch after a smaller one (the pooled buffer grows)", slices.Repeat([]int{2000}, conn.IdealBatchSize)},
+	}
+	for _, tc := range tests {
+		t.Run(tc.name, func(t *testing.T) {
+			*inner = layoutBind{Bind: inner.Bind}
+			var msgs [][]byte
+			for _, n := range tc.sizes {
+				msgs = append(msgs, wgMsg(wgTypeTransport, n))
+			}
+			if err := b.Send(msgs, ep); err != nil {
+				t.Fatal(err)
+			}
+			if inner.sends != 1 || inner.frames != len(msgs) {
+				t.Fatalf("%d Sends of %d datagrams in all, want 1 of %d", inner.sends, inner.frames, len(msgs))
+			}
+			if inner.err != nil {
+				t.Fatal(inner.err)
+			}
+		})
 	}
 }
 
