@@ -30,6 +30,6 @@ for tool in ip iperf3 wg dnsperf taskset; do
 	fi
 done
 
-export BENCH_RESULTS_DIR="$repo_root/bench/results"
+export BENCH_RESULTS_DIR="${BENCH_RESULTS_DIR:-$repo_root/bench/results}"
 mkdir -p "$BENCH_RESULTS_DIR"
 exec go test -tags bench -run '^TestBench' -v -count=1 -timeout 30m "$@" ./e2e/
