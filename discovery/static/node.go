@@ -52,6 +52,10 @@ func (p *parser) nodeObject(o *object) error {
 	}
 
 	p.nodes[o.name] = pn
+	if p.rec != nil {
+		pristine := *n
+		p.rec.entries = append(p.rec.entries, recEntry{item: o.item, node: &pristine})
+	}
 	return nil
 }
 

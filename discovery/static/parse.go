@@ -76,6 +76,9 @@ type parser struct {
 	// names interns endpoints' node and zone names: a few distinct values, each repeated on
 	// thousands of endpoints, would otherwise each be a string of their own.
 	names map[string]string
+	// rec, when not nil, records what the current document adds, for the next parse's cache
+	// (see parseCached).
+	rec *docRecord
 }
 
 type parsedService struct {
@@ -95,8 +98,8 @@ type parsedNode struct {
 	at   string
 }
 
-func parse(data []byte, filename string) (*result, error) {
-	p := &parser{
+func newParser(filename string) *parser {
+	return &parser{
 		file:     filename,
 		services: make(map[string]*parsedService),
 		slices:   make(map[string]*parsedSlice),
@@ -105,6 +108,10 @@ func parse(data []byte, filename string) (*result, error) {
 		ignored:  make(map[string]int),
 		names:    make(map[string]string),
 	}
+}
+
+func parse(data []byte, filename string) (*result, error) {
+	p := newParser(filename)
 	dec := yaml.NewDecoder(bytes.NewReader(data))
 	for doc := 1; ; doc++ {
 		var root yaml.Node
@@ -192,6 +199,9 @@ func (p *parser) object(o *object) error {
 		want = "discovery.k8s.io/v1"
 	default:
 		p.ignored[o.kind]++
+		if p.rec != nil {
+			p.rec.ignored = append(p.rec.ignored, o.kind)
+		}
 		return nil
 	}
 	if o.apiVersion != want {
@@ -355,6 +365,10 @@ func (p *parser) service(o *object) error {
 		return o.errf(path("metadata", "name"), "duplicate Service %s (first defined in %s)", key, prev.at)
 	}
 	p.services[key] = &parsedService{svc: svc, at: o.shortWhere()}
+	if p.rec != nil {
+		pristine := *svc // finish adds endpoints to svc, and AssignIPs its IP
+		p.rec.entries = append(p.rec.entries, recEntry{item: o.item, svc: &pristine})
+	}
 	return nil
 }
 
@@ -386,6 +400,9 @@ func (p *parser) endpointSlice(o *object) error {
 	case "FQDN":
 		p.slices[key] = &parsedSlice{key: key, at: o.shortWhere()}
 		p.ignored["EndpointSlice (FQDN)"]++
+		if p.rec != nil {
+			p.rec.entries = append(p.rec.entries, recEntry{item: o.item, slice: p.slices[key], fqdn: true})
+		}
 		return nil
 	default:
 		return o.errf(path("addressType"), "unknown address type %q (want IPv4, IPv6 or FQDN)", obj.AddressType)
@@ -448,6 +465,9 @@ func (p *parser) endpointSlice(o *object) error {
 	}
 	p.slices[key] = ps
 	p.order = append(p.order, ps)
+	if p.rec != nil {
+		p.rec.entries = append(p.rec.entries, recEntry{item: o.item, slice: ps})
+	}
 	return nil
 }
 

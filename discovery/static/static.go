@@ -146,6 +146,9 @@ type watcher struct {
 	// good is the hash of the content of the last snapshot passed to update; bad that of the last
 	// content that failed to parse (so that it is not reported again).
 	good, bad [sha256.Size]byte
+	// cache holds the last good parse's documents, so that a change re-parses only the documents
+	// it touched.
+	cache docCache
 }
 
 // watchDir returns a watcher of the file's directory, or nil (logged) when notifications are not
@@ -191,7 +194,7 @@ func (w *watcher) load() error {
 	if err != nil {
 		return err
 	}
-	r, err := parse(data, w.s.path)
+	r, err := parseCached(data, w.s.path, &w.cache)
 	if err != nil {
 		return err
 	}
@@ -215,7 +218,7 @@ func (w *watcher) reload() {
 	case w.bad:
 		return // already reported
 	}
-	r, err := parse(data, w.s.path)
+	r, err := parseCached(data, w.s.path, &w.cache)
 	if err != nil {
 		w.bad = sum
 		w.s.log.Error("invalid static catalog; keeping the last good one", "err", err)
