@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"context"
 	"encoding/base64"
+	"fmt"
 	"log/slog"
 	"strings"
 	"sync"
@@ -14,6 +15,8 @@ import (
 	corev1 "k8s.io/api/core/v1"
 	discoveryv1 "k8s.io/api/discovery/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/apimachinery/pkg/runtime"
+	"k8s.io/apimachinery/pkg/types"
 	"k8s.io/apimachinery/pkg/watch"
 	"k8s.io/client-go/kubernetes/fake"
 	k8stesting "k8s.io/client-go/testing"
@@ -95,6 +98,60 @@ func containsAll(s string, subs []string) bool {
 		}
 	}
 	return true
+}
+
+// fakeClient is the package's Client over client-go's fake clientset, whose reactors the tests
+// use to watch and break the API.
+type fakeClient struct{ *fake.Clientset }
+
+var _ Client = fakeClient{}
+
+func (c fakeClient) List(ctx context.Context, res Resource, namespace string, opts metav1.ListOptions) (runtime.Object, error) {
+	var list runtime.Object
+	var err error
+	switch res {
+	case ResourceServices:
+		list, err = c.CoreV1().Services(namespace).List(ctx, opts)
+	case ResourceEndpointSlices:
+		list, err = c.DiscoveryV1().EndpointSlices(namespace).List(ctx, opts)
+	case ResourceNodes:
+		list, err = c.CoreV1().Nodes().List(ctx, opts)
+	case ResourceSecrets:
+		list, err = c.CoreV1().Secrets(namespace).List(ctx, opts)
+	default:
+		return nil, fmt.Errorf("fake client: unknown resource %q", res)
+	}
+	if err != nil {
+		return nil, err
+	}
+	return list, nil
+}
+
+func (c fakeClient) Watch(ctx context.Context, res Resource, namespace string, opts metav1.ListOptions) (watch.Interface, error) {
+	switch res {
+	case ResourceServices:
+		return c.CoreV1().Services(namespace).Watch(ctx, opts)
+	case ResourceEndpointSlices:
+		return c.DiscoveryV1().EndpointSlices(namespace).Watch(ctx, opts)
+	case ResourceNodes:
+		return c.CoreV1().Nodes().Watch(ctx, opts)
+	case ResourceSecrets:
+		return c.CoreV1().Secrets(namespace).Watch(ctx, opts)
+	}
+	return nil, fmt.Errorf("fake client: unknown resource %q", res)
+}
+
+func (c fakeClient) MergePatch(ctx context.Context, res Resource, namespace, name string, patch []byte, opts metav1.PatchOptions) error {
+	var err error
+	switch res {
+	case ResourceNodes:
+		_, err = c.CoreV1().Nodes().Patch(ctx, name, types.MergePatchType, patch, opts)
+	case ResourceSecrets:
+		_, err = c.CoreV1().Secrets(namespace).Patch(ctx, name, types.MergePatchType, patch, opts)
+	default:
+		err = fmt.Errorf("fake client: the package never patches %q", res)
+	}
+	return err
 }
 
 // Kubernetes objects for tests.

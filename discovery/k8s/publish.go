@@ -11,8 +11,7 @@ import (
 	corev1 "k8s.io/api/core/v1"
 	apierrors "k8s.io/apimachinery/pkg/api/errors"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
-	"k8s.io/apimachinery/pkg/types"
-	corelisters "k8s.io/client-go/listers/core/v1"
+	"k8s.io/client-go/tools/cache"
 
 	"github.com/edgewire/edgewire/discovery"
 )
@@ -104,7 +103,7 @@ func hasAll(have, want map[string]string) bool {
 // publishLoop applies the recorded annotations whenever pubKick is woken and the Node in the
 // informer's cache lacks them, retrying failed patches with back-off (a wake-up during the
 // back-off waits for it). It returns when ctx is done.
-func (s *Source) publishLoop(ctx context.Context, nodes corelisters.NodeLister) {
+func (s *Source) publishLoop(ctx context.Context, nodes cache.Store) {
 	delay := s.retryMin
 	retry := time.NewTimer(delay)
 	retry.Stop()
@@ -126,7 +125,7 @@ func (s *Source) publishLoop(ctx context.Context, nodes corelisters.NodeLister) 
 		if want == nil {
 			continue
 		}
-		if n, err := nodes.Get(s.nodeName); err == nil && hasAll(n.Annotations, want) {
+		if n, ok := getObject[*corev1.Node](nodes, s.nodeName); ok && hasAll(n.Annotations, want) {
 			delay = s.retryMin
 			continue
 		}
@@ -156,8 +155,7 @@ func (s *Source) patchNode(ctx context.Context, want map[string]string) error {
 	}
 	ctx, cancel := context.WithTimeout(ctx, requestTimeout)
 	defer cancel()
-	_, err = s.client.CoreV1().Nodes().Patch(ctx, s.nodeName, types.MergePatchType, body,
-		metav1.PatchOptions{FieldManager: fieldManager})
+	err = s.client.MergePatch(ctx, ResourceNodes, "", s.nodeName, body, metav1.PatchOptions{FieldManager: fieldManager})
 	if err != nil {
 		return fmt.Errorf("patch Node %s: %w", s.nodeName, err)
 	}

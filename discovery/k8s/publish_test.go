@@ -132,7 +132,7 @@ func TestPublish(t *testing.T) {
 	client := fake.NewClientset(edge1, node("edge-2", nil))
 	ws := watchWatches(client)
 	nw := watchNodes(t, client)
-	src, log := newSource(t, Config{Client: client, NodeName: "edge-1"})
+	src, log := newSource(t, Config{Client: fakeClient{client}, NodeName: "edge-1"})
 
 	self := discovery.Self{WireGuardKey: keyA, Overlay: netip.MustParseAddr("fd7a::1"), Endpoints: addrPorts("10.0.0.1:51820", "[fd00::1]:51820")}
 	want, err := selfAnnotations(self)
@@ -217,7 +217,7 @@ func TestPublishRetries(t *testing.T) {
 			client := fake.NewClientset()
 			fix := tc.setup(client)
 			nw := watchNodes(t, client)
-			src, log := newSource(t, Config{Client: client, NodeName: "edge-1"})
+			src, log := newSource(t, Config{Client: fakeClient{client}, NodeName: "edge-1"})
 			src.retryMin = 10 * time.Millisecond
 			self := discovery.Self{WireGuardKey: keyA, Endpoints: addrPorts("10.0.0.1:51820")}
 			src.Publish(self)
@@ -232,11 +232,11 @@ func TestPublishRetries(t *testing.T) {
 }
 
 func TestPublishRejects(t *testing.T) {
-	src, log := newSource(t, Config{Client: fake.NewClientset()})
+	src, log := newSource(t, Config{Client: fakeClient{fake.NewClientset()}})
 	src.Publish(discovery.Self{WireGuardKey: keyA})
 	log.wait(t, "level=ERROR", "no node name configured")
 
-	src, log = newSource(t, Config{Client: fake.NewClientset(), NodeName: "edge-1"})
+	src, log = newSource(t, Config{Client: fakeClient{fake.NewClientset()}, NodeName: "edge-1"})
 	src.Publish(discovery.Self{WireGuardKey: "bad"})
 	log.wait(t, "level=ERROR", "not publishing", "not a WireGuard public key")
 	if src.wanted() != nil {
@@ -251,7 +251,7 @@ func TestPublishRelay(t *testing.T) {
 	t.Run("patches its key, keeps the others", func(t *testing.T) {
 		client := fake.NewClientset(relaySecret(map[string]string{"12D3KooWB": "/dns4/b/tcp/1/p2p/12D3KooWB"}))
 		log := newLogBuffer()
-		err := PublishRelay(ctx, RelayConfig{Client: client, Logger: log.logger(), Namespace: "edgewire", Name: "relays",
+		err := PublishRelay(ctx, RelayConfig{Client: fakeClient{client}, Logger: log.logger(), Namespace: "edgewire", Name: "relays",
 			Key: "12D3KooWA", Addrs: []string{a1, a2}})
 		if err != nil {
 			t.Fatal(err)
@@ -278,7 +278,7 @@ func TestPublishRelay(t *testing.T) {
 		log := newLogBuffer()
 		done := make(chan error, 1)
 		go func() {
-			done <- PublishRelay(ctx, RelayConfig{Client: client, Logger: log.logger(), Namespace: "edgewire", Name: "relays",
+			done <- PublishRelay(ctx, RelayConfig{Client: fakeClient{client}, Logger: log.logger(), Namespace: "edgewire", Name: "relays",
 				Key: "12D3KooWA", Addrs: []string{a1}})
 		}()
 		log.wait(t, "level=ERROR", "Secret edgewire/relays not found", "deploy/", "never creates it")
@@ -308,7 +308,7 @@ func TestPublishRelay(t *testing.T) {
 		ctx, cancel := context.WithCancel(ctx)
 		done := make(chan error, 1)
 		go func() {
-			done <- PublishRelay(ctx, RelayConfig{Client: client, Logger: log.logger(), Namespace: "edgewire", Name: "relays",
+			done <- PublishRelay(ctx, RelayConfig{Client: fakeClient{client}, Logger: log.logger(), Namespace: "edgewire", Name: "relays",
 				Key: "12D3KooWA", Addrs: []string{a1}})
 		}()
 		log.wait(t, "level=ERROR", "get and patch on secrets", "resourceNames [relays]")
@@ -335,7 +335,7 @@ func TestPublishRelay(t *testing.T) {
 		{name: "no Secret name", cfg: RelayConfig{Namespace: "n", Key: "k", Addrs: []string{a1}}, want: "namespace or name"},
 	} {
 		t.Run("invalid: "+tc.name, func(t *testing.T) {
-			tc.cfg.Client = fake.NewClientset()
+			tc.cfg.Client = fakeClient{fake.NewClientset()}
 			ctx, cancel := context.WithTimeout(ctx, deadline)
 			defer cancel()
 			err := PublishRelay(ctx, tc.cfg)

@@ -11,8 +11,6 @@ import (
 
 	apierrors "k8s.io/apimachinery/pkg/api/errors"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
-	"k8s.io/apimachinery/pkg/types"
-	"k8s.io/client-go/kubernetes"
 	"k8s.io/client-go/rest"
 )
 
@@ -24,7 +22,7 @@ const maxSecretKey = 253
 type RelayConfig struct {
 	Kubeconfig string
 	RESTConfig *rest.Config
-	Client     kubernetes.Interface
+	Client     Client
 	Logger     *slog.Logger
 	// Namespace and Name name the relay Secret, which deploy/ ships: PublishRelay never creates
 	// it. Required.
@@ -68,7 +66,7 @@ func PublishRelay(ctx context.Context, cfg RelayConfig) error {
 	defer retry.Stop()
 	for {
 		rctx, cancel := context.WithTimeout(ctx, requestTimeout)
-		_, err := client.CoreV1().Secrets(cfg.Namespace).Patch(rctx, cfg.Name, types.MergePatchType, body,
+		err := client.MergePatch(rctx, ResourceSecrets, cfg.Namespace, cfg.Name, body,
 			metav1.PatchOptions{FieldManager: fieldManager})
 		cancel()
 		if err == nil {

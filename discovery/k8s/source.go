@@ -13,14 +13,11 @@ import (
 	"time"
 
 	corev1 "k8s.io/api/core/v1"
-	apierrors "k8s.io/apimachinery/pkg/api/errors"
+	discoveryv1 "k8s.io/api/discovery/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/fields"
-	"k8s.io/apimachinery/pkg/labels"
-	"k8s.io/client-go/informers"
-	"k8s.io/client-go/kubernetes"
-	corelisters "k8s.io/client-go/listers/core/v1"
-	discoverylisters "k8s.io/client-go/listers/discovery/v1"
+	"k8s.io/apimachinery/pkg/runtime"
+	"k8s.io/apimachinery/pkg/watch"
 	"k8s.io/client-go/tools/cache"
 
 	"github.com/edgewire/edgewire/discovery"
@@ -72,42 +69,39 @@ func (s *Source) Run(ctx context.Context, update func(*discovery.Snapshot)) erro
 
 	coreSynced, relaySynced := make(chan struct{}), make(chan struct{})
 	wg.Go(func() {
-		if c.core.WaitForCacheSyncWithContext(ctx).Err == nil {
+		if waitSynced(ctx, c.services, c.slices, c.nodes) {
 			close(coreSynced)
 		}
 	})
-	if c.relay != nil {
+	if c.secrets != nil {
 		wg.Go(func() {
-			if c.relay.WaitForCacheSyncWithContext(ctx).Err == nil {
+			if waitSynced(ctx, c.secrets) {
 				close(relaySynced)
 			}
 		})
 	} else {
 		close(relaySynced)
 	}
-	wg.Go(func() { s.publishLoop(ctx, c.nodes) })
+	wg.Go(func() { s.publishLoop(ctx, c.nodes.GetStore()) })
 
 	r := &runner{s: s, c: c, update: update}
 	r.loop(ctx, coreSynced, relaySynced, kick)
 	return nil
 }
 
-// caches are the informers of one Run and their listers.
+// caches are the informers of one Run: each a cache.SharedIndexInformer over a cache.ListWatch of
+// the Client, without client-go's informer factory (see Client).
 type caches struct {
-	core     informers.SharedInformerFactory
-	services corelisters.ServiceLister
-	slices   discoverylisters.EndpointSliceLister
-	nodes    corelisters.NodeLister
-	// relay and secrets are nil without relay discovery.
-	relay   informers.SharedInformerFactory
-	secrets corelisters.SecretNamespaceLister
+	services, slices, nodes cache.SharedIndexInformer
+	// secrets is nil without relay discovery.
+	secrets cache.SharedIndexInformer
+	// wg counts the informers' goroutines.
+	wg sync.WaitGroup
 }
 
 // newCaches makes the informers; their event handlers wake kick (capacity 1) for every change
 // that matters to the catalog.
 func (s *Source) newCaches(kick chan<- struct{}) (*caches, error) {
-	client := listWatchClient{s.client}
-	c := &caches{core: informers.NewSharedInformerFactoryWithOptions(client, 0, informers.WithTransform(trim))}
 	wake := func() { nudge(kick) }
 	changed := cache.ResourceEventHandlerFuncs{
 		AddFunc:    func(any) { wake() },
@@ -131,85 +125,145 @@ func (s *Source) newCaches(kick chan<- struct{}) (*caches, error) {
 		DeleteFunc: func(any) { wake() },
 	}
 
-	svc := c.core.Core().V1().Services()
-	eps := c.core.Discovery().V1().EndpointSlices()
-	nodes := c.core.Core().V1().Nodes()
-	c.services, c.slices, c.nodes = svc.Lister(), eps.Lister(), nodes.Lister()
-	for _, h := range []struct {
-		inf     cache.SharedIndexInformer
-		handler cache.ResourceEventHandler
-	}{{svc.Informer(), changed}, {eps.Informer(), changed}, {nodes.Informer(), nodeEvents}} {
-		if _, err := h.inf.AddEventHandler(h.handler); err != nil {
-			return nil, fmt.Errorf("informer event handler: %w", err)
-		}
+	c := &caches{}
+	var err error
+	if c.services, err = s.newInformer(ResourceServices, "", nil, changed); err != nil {
+		return nil, err
 	}
-
+	if c.slices, err = s.newInformer(ResourceEndpointSlices, "", nil, changed); err != nil {
+		return nil, err
+	}
+	if c.nodes, err = s.newInformer(ResourceNodes, "", nil, nodeEvents); err != nil {
+		return nil, err
+	}
 	if s.relayName != "" {
 		// Namespace-scoped, for this one name, so that RBAC can grant it by resourceNames.
-		c.relay = informers.NewSharedInformerFactoryWithOptions(client, 0,
-			informers.WithNamespace(s.relayNS),
-			informers.WithTweakListOptions(func(o *metav1.ListOptions) {
-				o.FieldSelector = fields.OneTermEqualSelector("metadata.name", s.relayName).String()
-			}),
-			informers.WithTransform(trim))
-		sec := c.relay.Core().V1().Secrets()
-		c.secrets = sec.Lister().Secrets(s.relayNS)
-		if _, err := sec.Informer().AddEventHandler(changed); err != nil {
-			return nil, fmt.Errorf("informer event handler: %w", err)
+		c.secrets, err = s.newInformer(ResourceSecrets, s.relayNS, func(o *metav1.ListOptions) {
+			o.FieldSelector = fields.OneTermEqualSelector("metadata.name", s.relayName).String()
+		}, changed)
+		if err != nil {
+			return nil, err
 		}
 	}
 	return c, nil
 }
 
+// newInformer returns an informer (no resync, trimming its objects with trim) of res in
+// namespace ("" for all) with handler; tweak, when not nil, adjusts its list and watch requests.
+func (s *Source) newInformer(res Resource, namespace string, tweak func(*metav1.ListOptions), handler cache.ResourceEventHandler) (cache.SharedIndexInformer, error) {
+	lw := &cache.ListWatch{
+		ListWithContextFunc: func(ctx context.Context, opts metav1.ListOptions) (runtime.Object, error) {
+			if tweak != nil {
+				tweak(&opts)
+			}
+			return s.client.List(ctx, res, namespace, opts)
+		},
+		WatchFuncWithContext: func(ctx context.Context, opts metav1.ListOptions) (watch.Interface, error) {
+			if tweak != nil {
+				tweak(&opts)
+			}
+			return s.client.Watch(ctx, res, namespace, opts)
+		},
+	}
+	inf := cache.NewSharedIndexInformer(cache.ToListWatcherWithWatchListSemantics(lw, noWatchList{}),
+		res.object(), 0, cache.Indexers{})
+	if err := inf.SetTransform(trim); err != nil {
+		return nil, fmt.Errorf("informer transform: %w", err)
+	}
+	if _, err := inf.AddEventHandler(handler); err != nil {
+		return nil, fmt.Errorf("informer event handler: %w", err)
+	}
+	return inf, nil
+}
+
+// all returns the informers.
+func (c *caches) all() []cache.SharedIndexInformer {
+	all := []cache.SharedIndexInformer{c.services, c.slices, c.nodes}
+	if c.secrets != nil {
+		all = append(all, c.secrets)
+	}
+	return all
+}
+
+// start runs the informers until ctx is done.
 func (c *caches) start(ctx context.Context) {
-	c.core.StartWithContext(ctx)
-	if c.relay != nil {
-		c.relay.StartWithContext(ctx)
+	for _, inf := range c.all() {
+		c.wg.Go(func() { inf.RunWithContext(ctx) })
 	}
 }
 
 // shutdown waits for the informers' goroutines, which stop when the context given to start is
 // done.
 func (c *caches) shutdown() {
-	c.core.Shutdown()
-	if c.relay != nil {
-		c.relay.Shutdown()
-	}
+	c.wg.Wait()
 }
 
-// list returns what the informers hold.
-func (c *caches) list(name string) (objects, error) {
-	var in objects
-	var err error
-	if in.services, err = c.services.List(labels.Everything()); err != nil {
-		return in, fmt.Errorf("list Services: %w", err)
+// waitSynced waits until every one of infs has synced (true) or ctx is done (false).
+func waitSynced(ctx context.Context, infs ...cache.SharedIndexInformer) bool {
+	checkers := make([]cache.DoneChecker, len(infs))
+	for i, inf := range infs {
+		checkers[i] = inf.HasSyncedChecker()
 	}
-	if in.slices, err = c.slices.List(labels.Everything()); err != nil {
-		return in, fmt.Errorf("list EndpointSlices: %w", err)
-	}
-	if in.nodes, err = c.nodes.List(labels.Everything()); err != nil {
-		return in, fmt.Errorf("list Nodes: %w", err)
+	return cache.WaitFor(ctx, "" /* no logging */, checkers...)
+}
+
+// list returns what the informers hold; namespace and name are those of the relay Secret.
+func (c *caches) list(namespace, name string) (objects, error) {
+	in := objects{
+		services: listObjects[*corev1.Service](c.services.GetStore()),
+		slices:   listObjects[*discoveryv1.EndpointSlice](c.slices.GetStore()),
+		nodes:    listObjects[*corev1.Node](c.nodes.GetStore()),
 	}
 	if c.secrets != nil {
-		in.relays, err = c.secrets.Get(name)
-		if apierrors.IsNotFound(err) {
-			in.relays, err = nil, nil
-		}
+		obj, exists, err := c.secrets.GetStore().GetByKey(namespace + "/" + name)
 		if err != nil {
 			return in, fmt.Errorf("get Secret %s: %w", name, err)
+		}
+		if exists {
+			sec, ok := obj.(*corev1.Secret)
+			if !ok {
+				return in, fmt.Errorf("get Secret %s: informer holds a %T", name, obj)
+			}
+			in.relays = sec
 		}
 	}
 	return in, nil
 }
 
-// listWatchClient is the informers' API client. It declines client-go's WatchList (the initial
-// list streamed through a watch): a reflector whose WatchList gets "connection refused" sleeps out
-// its back-off, up to 30 s, without looking at its context, and Run would wait that long to return
-// during an API server outage. The classic list, then watch, stops at once.
-type listWatchClient struct{ kubernetes.Interface }
+// listObjects returns the objects of store that are a T (all of them: an informer holds only
+// its type).
+func listObjects[T runtime.Object](store cache.Store) []T {
+	items := store.List()
+	out := make([]T, 0, len(items))
+	for _, obj := range items {
+		if t, ok := obj.(T); ok {
+			out = append(out, t)
+		}
+	}
+	return out
+}
 
-// IsWatchListSemanticsUnSupported is the method through which client-go's informers ask.
-func (listWatchClient) IsWatchListSemanticsUnSupported() bool { return true }
+// getObject returns the object of store with key (namespace/name, or name for cluster-scoped
+// resources) if it is there and a T.
+func getObject[T runtime.Object](store cache.Store, key string) (T, bool) {
+	obj, exists, err := store.GetByKey(key)
+	if err != nil || !exists {
+		var zero T
+		return zero, false
+	}
+	t, ok := obj.(T)
+	return t, ok
+}
+
+// noWatchList is the "client" of the informers' list-watchers as client-go's reflector sees it:
+// it declines client-go's WatchList (the initial list streamed through a watch). A reflector whose
+// WatchList gets "connection refused" sleeps out its back-off, up to 30 s, without looking at its
+// context, and Run would wait that long to return during an API server outage. The classic list,
+// then watch, stops at once.
+type noWatchList struct{}
+
+// IsWatchListSemanticsUnSupported is the method through which client-go's reflectors ask.
+func (noWatchList) IsWatchListSemanticsUnSupported() bool { return true }
 
 // trim drops what the catalog never reads before an object enters an informer's cache: managed
 // fields everywhere, and a Node's spec and status (its image list alone can be tens of kB).
@@ -322,7 +376,7 @@ func (r *runner) loop(ctx context.Context, coreSynced, relaySynced <-chan struct
 // rebuild builds the snapshot from the informers and serves it unless it equals the last one.
 func (r *runner) rebuild() {
 	log := r.s.log
-	in, err := r.c.list(r.s.relayName)
+	in, err := r.c.list(r.s.relayNS, r.s.relayName)
 	if err != nil {
 		log.Error("cannot read the informers' caches; keeping the last catalog", "err", err)
 		return

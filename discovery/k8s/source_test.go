@@ -64,7 +64,7 @@ func newSource(t *testing.T, cfg Config) (*Source, *logBuffer) {
 func TestRunFollowsChanges(t *testing.T) {
 	client := fake.NewClientset(webObjects()...)
 	w := watchWatches(client)
-	src, log := newSource(t, Config{Client: client, CachePath: filepath.Join(t.TempDir(), "catalog-k8s.json")})
+	src, log := newSource(t, Config{Client: fakeClient{client}, CachePath: filepath.Join(t.TempDir(), "catalog-k8s.json")})
 	r := startRun(t, src)
 
 	first := r.next(t, log)
@@ -93,8 +93,10 @@ func TestRunFollowsChanges(t *testing.T) {
 		s := r.next(t, log)
 		took := time.Since(start)
 		slowest = max(slowest, took)
-		if took > time.Second {
-			t.Errorf("%s reached update after %v, want well within 1s", what, took)
+		// A correctness bound, not a performance goal (make bench and TestKubernetes measure the
+		// latency): generous, so a loaded CI machine does not fail it.
+		if took > deadline {
+			t.Errorf("%s reached update after %v, want well within %v", what, took, deadline)
 		}
 		return s
 	}
@@ -195,7 +197,7 @@ func closedPort(t *testing.T) string {
 func TestRunCache(t *testing.T) {
 	path := filepath.Join(t.TempDir(), "catalog-k8s.json")
 	client := fake.NewClientset(webObjects()...)
-	src, log := newSource(t, Config{Client: client, CachePath: path})
+	src, log := newSource(t, Config{Client: fakeClient{client}, CachePath: path})
 	r := startRun(t, src)
 	live := r.next(t, log)
 	r.stop(t) // the cache is written by now
@@ -214,7 +216,7 @@ func TestRunCache(t *testing.T) {
 
 	// The same catalog again: the file is not rewritten.
 	before := fi.ModTime()
-	src, log = newSource(t, Config{Client: fake.NewClientset(webObjects()...), CachePath: path})
+	src, log = newSource(t, Config{Client: fakeClient{fake.NewClientset(webObjects()...)}, CachePath: path})
 	r = startRun(t, src)
 	r.next(t, log)
 	r.stop(t)
@@ -239,10 +241,11 @@ func TestRunCache(t *testing.T) {
 	log.wait(t, "level=WARN", "has not answered", "serving the cached catalog", path)
 	// client-go's reflector errors reach the logger through klog.
 	log.wait(t, "component=client-go", "connection refused")
-	// Run returns promptly although client-go is backing off (see listWatchClient).
+	// Run returns promptly although client-go is backing off (see noWatchList).
 	start = time.Now()
 	r.stop(t)
-	if took := time.Since(start); took > time.Second {
+	// client-go's back-off would hold Run for up to 30 s; the bound is generous for loaded machines.
+	if took := time.Since(start); took > deadline {
 		t.Errorf("Run took %v to return after cancel during an outage", took)
 	}
 	r.noUpdate(t)
@@ -304,7 +307,7 @@ func TestRunReconciles(t *testing.T) {
 	}
 	client := fake.NewClientset(webObjects()...)
 	recover := failList(client, "services")
-	src, log := newSource(t, Config{Client: client, CachePath: path, SyncTimeout: 50 * time.Millisecond})
+	src, log := newSource(t, Config{Client: fakeClient{client}, CachePath: path, SyncTimeout: 50 * time.Millisecond})
 	r := startRun(t, src)
 	if s := r.next(t, log); !reflect.DeepEqual(s, old) {
 		t.Fatalf("first snapshot = %s, want the cached one", encodeSnapshot(s))
@@ -327,7 +330,7 @@ func TestRunRelaySecret(t *testing.T) {
 	other.Name = "not-the-relays"
 	client := fake.NewClientset(append(webObjects(), relaySecret(map[string]string{"A": relayA}), other)...)
 	w := watchWatches(client)
-	src, log := newSource(t, Config{Client: client, RelaySecretNamespace: "edgewire", RelaySecretName: "relays"})
+	src, log := newSource(t, Config{Client: fakeClient{client}, RelaySecretNamespace: "edgewire", RelaySecretName: "relays"})
 	r := startRun(t, src)
 	if s := r.next(t, log); !slices.Equal(s.Relays, []string{relayA}) {
 		t.Fatalf("relays = %q, want %q", s.Relays, relayA)
@@ -358,7 +361,7 @@ func TestRunRelaySecretUnreadable(t *testing.T) {
 	}
 	client := fake.NewClientset(webObjects()...)
 	failList(client, "secrets")
-	src, log := newSource(t, Config{Client: client, CachePath: path, SyncTimeout: 50 * time.Millisecond,
+	src, log := newSource(t, Config{Client: fakeClient{client}, CachePath: path, SyncTimeout: 50 * time.Millisecond,
 		RelaySecretNamespace: "edgewire", RelaySecretName: "relays"})
 	r := startRun(t, src)
 	s := r.next(t, log)
@@ -369,7 +372,7 @@ func TestRunRelaySecretUnreadable(t *testing.T) {
 }
 
 func TestRunErrors(t *testing.T) {
-	src, log := newSource(t, Config{Client: fake.NewClientset()})
+	src, log := newSource(t, Config{Client: fakeClient{fake.NewClientset()}})
 	if err := src.Run(context.Background(), nil); err == nil {
 		t.Error("Run with a nil update function succeeded")
 	}
@@ -395,12 +398,12 @@ func TestNew(t *testing.T) {
 		cfg  Config
 		want string // error substring; "" for success
 	}{
-		{name: "fake client", cfg: Config{Client: fake.NewClientset()}},
+		{name: "fake client", cfg: Config{Client: fakeClient{fake.NewClientset()}}},
 		{name: "REST config, no network", cfg: Config{RESTConfig: &rest.Config{Host: "https://192.0.2.1:6443"}}},
 		{name: "not in a pod", cfg: Config{}, want: "set --kubeconfig"},
 		{name: "missing kubeconfig", cfg: Config{Kubeconfig: "/nonexistent/kubeconfig"}, want: "kubeconfig /nonexistent/kubeconfig"},
-		{name: "relay Secret without namespace", cfg: Config{Client: fake.NewClientset(), RelaySecretName: "relays"}, want: "no namespace"},
-		{name: "negative sync timeout", cfg: Config{Client: fake.NewClientset(), SyncTimeout: -time.Second}, want: "negative"},
+		{name: "relay Secret without namespace", cfg: Config{Client: fakeClient{fake.NewClientset()}, RelaySecretName: "relays"}, want: "no namespace"},
+		{name: "negative sync timeout", cfg: Config{Client: fakeClient{fake.NewClientset()}, SyncTimeout: -time.Second}, want: "negative"},
 	}
 	for _, tc := range tests {
 		t.Run(tc.name, func(t *testing.T) {
@@ -416,7 +419,7 @@ func TestNew(t *testing.T) {
 }
 
 func TestKlogRouted(t *testing.T) {
-	_, log := newSource(t, Config{Client: fake.NewClientset()})
+	_, log := newSource(t, Config{Client: fakeClient{fake.NewClientset()}})
 	klog.ErrorS(errors.New("boom"), "reflector trouble", "resource", "services")
 	line := log.wait(t, "reflector trouble")
 	if !containsAll(line, []string{"level=ERROR", "component=client-go", "boom", "resource=services"}) {
