@@ -154,7 +154,7 @@ func decodeSnapshot(data []byte) (*discovery.Snapshot, error) {
 			return nil, fmt.Errorf("nodes[%d]: no name", i)
 		}
 		if cn.WireGuardKey != "" {
-			raw, ok := parseWireGuardKey(cn.WireGuardKey)
+			raw, ok := discovery.ParseWireGuardKey(cn.WireGuardKey)
 			if !ok {
 				return nil, fmt.Errorf("nodes[%d] (%s): %q is not a WireGuard public key", i, cn.Name, cn.WireGuardKey)
 			}

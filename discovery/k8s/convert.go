@@ -2,7 +2,6 @@ package k8s
 
 import (
 	"cmp"
-	"encoding/base64"
 	"fmt"
 	"net/netip"
 	"slices"
@@ -20,8 +19,6 @@ import (
 const (
 	// defaultAffinityTimeout is Kubernetes' default sessionAffinityConfig.clientIP.timeoutSeconds.
 	defaultAffinityTimeout = 10800 * time.Second
-	// wireGuardKeySize is the size of a WireGuard public key; its base64 is 44 characters.
-	wireGuardKeySize = 32
 )
 
 // objects are what the informers hold, as convert reads them.
@@ -278,7 +275,7 @@ func convertNode(node *corev1.Node) (n *discovery.Node, rawKey string, err error
 	key, hasKey := ann[discovery.AnnotationWireGuardKey]
 	if hasKey {
 		var ok bool
-		if rawKey, ok = parseWireGuardKey(key); !ok {
+		if rawKey, ok = discovery.ParseWireGuardKey(key); !ok {
 			return nil, "", fmt.Errorf("annotation %s: %q is not a WireGuard public key (32 bytes in base64, as `wg pubkey` prints)",
 				discovery.AnnotationWireGuardKey, key)
 		}
@@ -289,7 +286,7 @@ func convertNode(node *corev1.Node) (n *discovery.Node, rawKey string, err error
 			return nil, "", fmt.Errorf("annotation %s: set without %s: a node without a WireGuard key is not a mesh peer",
 				discovery.AnnotationEndpoints, discovery.AnnotationWireGuardKey)
 		}
-		if n.Endpoints, err = parseEndpoints(eps); err != nil {
+		if n.Endpoints, err = discovery.ParseEndpoints(eps); err != nil {
 			return nil, "", fmt.Errorf("annotation %s: %w", discovery.AnnotationEndpoints, err)
 		}
 	}
@@ -334,51 +331,6 @@ func protocol(p corev1.Protocol) (discovery.Protocol, bool) {
 		return d, true
 	}
 	return "", false
-}
-
-// parseWireGuardKey decodes a WireGuard public key from its canonical base64 (44 characters,
-// padded, as wg prints it) and returns the raw key as a string. It is discovery/static's rule.
-func parseWireGuardKey(s string) (raw string, ok bool) {
-	if len(s) != base64.StdEncoding.EncodedLen(wireGuardKeySize) {
-		return "", false
-	}
-	b, err := base64.StdEncoding.Strict().DecodeString(s)
-	if err != nil || len(b) != wireGuardKeySize {
-		return "", false
-	}
-	return string(b), true
-}
-
-// parseEndpoints parses a comma-separated list of ip:port (IPv6 as [addr]:port), keeping its order;
-// spaces around items are ignored and an empty list gives no endpoints. It is discovery/static's
-// rule.
-func parseEndpoints(s string) ([]netip.AddrPort, error) {
-	if strings.TrimSpace(s) == "" {
-		return nil, nil
-	}
-	var eps []netip.AddrPort
-	for item := range strings.SplitSeq(s, ",") {
-		item = strings.TrimSpace(item)
-		ap, err := netip.ParseAddrPort(item)
-		switch {
-		case item == "":
-			return nil, fmt.Errorf("empty entry in %q", s)
-		case err != nil:
-			return nil, fmt.Errorf("%q is not ip:port (IPv6 as [addr]:port)", item)
-		case ap.Port() == 0:
-			return nil, fmt.Errorf("%q: port must be 1-65535", item)
-		case ap.Addr().Zone() != "":
-			return nil, fmt.Errorf("%q: an address with a zone means nothing to other nodes", item)
-		case ap.Addr().IsUnspecified() || ap.Addr().IsMulticast():
-			return nil, fmt.Errorf("%q: not a unicast address", item)
-		}
-		ap = netip.AddrPortFrom(ap.Addr().Unmap(), ap.Port())
-		if slices.Contains(eps, ap) {
-			return nil, fmt.Errorf("%s is listed twice", ap)
-		}
-		eps = append(eps, ap)
-	}
-	return eps, nil
 }
 
 func deref(s *string) string {

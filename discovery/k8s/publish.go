@@ -46,7 +46,7 @@ func (s *Source) Publish(self discovery.Self) {
 // selfAnnotations returns the Node annotations for self, checked to pass the validation other
 // nodes apply to them (convertNode). Duplicate endpoints are dropped.
 func selfAnnotations(self discovery.Self) (map[string]string, error) {
-	if _, ok := parseWireGuardKey(self.WireGuardKey); !ok {
+	if _, ok := discovery.ParseWireGuardKey(self.WireGuardKey); !ok {
 		return nil, fmt.Errorf("%q is not a WireGuard public key (32 bytes in base64)", self.WireGuardKey)
 	}
 	var eps []string
@@ -56,7 +56,7 @@ func selfAnnotations(self discovery.Self) (map[string]string, error) {
 		}
 	}
 	joined := strings.Join(eps, ",")
-	if _, err := parseEndpoints(joined); err != nil {
+	if _, err := discovery.ParseEndpoints(joined); err != nil {
 		return nil, fmt.Errorf("endpoints: %w", err)
 	}
 	overlay := ""

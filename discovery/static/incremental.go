@@ -135,7 +135,7 @@ func (p *parser) replay(doc int, r *docRecord) bool {
 			n := *e.node
 			pn := &parsedNode{node: &n, at: at}
 			if n.WireGuardKey != "" {
-				raw, _ := parseWireGuardKey(n.WireGuardKey)
+				raw, _ := discovery.ParseWireGuardKey(n.WireGuardKey)
 				if _, dup := p.wgKeys[raw]; dup {
 					return false
 				}

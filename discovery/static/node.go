@@ -1,16 +1,6 @@
 package static
 
-import (
-	"encoding/base64"
-	"fmt"
-	"net/netip"
-	"strings"
-
-	"github.com/edgewire/edgewire/discovery"
-)
-
-// wireGuardKeySize is the size of a WireGuard public key; its base64 is 44 characters.
-const wireGuardKeySize = 32
+import "github.com/edgewire/edgewire/discovery"
 
 // nodeObject converts a v1 Node: its name and the mesh annotations, the WireGuard public key
 // (discovery.AnnotationWireGuardKey) and the WireGuard endpoints (discovery.AnnotationEndpoints).
@@ -29,7 +19,7 @@ func (p *parser) nodeObject(o *object) error {
 	keyField := path("metadata", "annotations", mapKey(discovery.AnnotationWireGuardKey))
 	key, hasKey := ann[discovery.AnnotationWireGuardKey]
 	if hasKey {
-		raw, ok := parseWireGuardKey(key)
+		raw, ok := discovery.ParseWireGuardKey(key)
 		if !ok {
 			return o.errf(keyField, "%q is not a WireGuard public key (32 bytes in base64, as `wg pubkey` prints)", key)
 		}
@@ -46,7 +36,7 @@ func (p *parser) nodeObject(o *object) error {
 			return o.errf(field, "set without %s: a node without a WireGuard key is not a mesh peer", discovery.AnnotationWireGuardKey)
 		}
 		var err error
-		if n.Endpoints, err = parseEndpoints(eps); err != nil {
+		if n.Endpoints, err = discovery.ParseEndpoints(eps); err != nil {
 			return o.errf(field, "%w", err)
 		}
 	}
@@ -57,50 +47,4 @@ func (p *parser) nodeObject(o *object) error {
 		p.rec.entries = append(p.rec.entries, recEntry{item: o.item, node: &pristine})
 	}
 	return nil
-}
-
-// parseWireGuardKey decodes a WireGuard public key from its canonical base64 (44 characters,
-// padded, as wg prints it) and returns the raw key as a string.
-func parseWireGuardKey(s string) (raw string, ok bool) {
-	if len(s) != base64.StdEncoding.EncodedLen(wireGuardKeySize) {
-		return "", false
-	}
-	b, err := base64.StdEncoding.Strict().DecodeString(s)
-	if err != nil || len(b) != wireGuardKeySize {
-		return "", false
-	}
-	return string(b), true
-}
-
-// parseEndpoints parses a comma-separated list of ip:port (IPv6 as [addr]:port), keeping its order.
-// Spaces around items are ignored; an empty list gives no endpoints.
-func parseEndpoints(s string) ([]netip.AddrPort, error) {
-	if strings.TrimSpace(s) == "" {
-		return nil, nil
-	}
-	var eps []netip.AddrPort
-	for item := range strings.SplitSeq(s, ",") {
-		item = strings.TrimSpace(item)
-		ap, err := netip.ParseAddrPort(item)
-		switch {
-		case item == "":
-			return nil, fmt.Errorf("empty entry in %q", s)
-		case err != nil:
-			return nil, fmt.Errorf("%q is not ip:port (IPv6 as [addr]:port)", item)
-		case ap.Port() == 0:
-			return nil, fmt.Errorf("%q: port must be 1-65535", item)
-		case ap.Addr().Zone() != "":
-			return nil, fmt.Errorf("%q: an address with a zone means nothing to other nodes", item)
-		case ap.Addr().IsUnspecified() || ap.Addr().IsMulticast():
-			return nil, fmt.Errorf("%q: not a unicast address", item)
-		}
-		ap = netip.AddrPortFrom(ap.Addr().Unmap(), ap.Port())
-		for _, prev := range eps {
-			if prev == ap {
-				return nil, fmt.Errorf("%s is listed twice", ap)
-			}
-		}
-		eps = append(eps, ap)
-	}
-	return eps, nil
 }
