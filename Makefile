@@ -43,7 +43,7 @@ unit:
 # k8s-tools: kube-apiserver and etcd for the Kubernetes e2e test, built from the separate module in
 # tools/k8s and cached in /var/cache/edgewire (a cold build takes 10-20 minutes; then it is instant).
 k8s-tools:
-	scripts/k8s-tools.sh
+	scripts/go-tools.sh k8s
 
 # e2e: the network-namespace scenario tests (root; tools from `make deps` and `make k8s-tools`).
 e2e: k8s-tools
@@ -62,10 +62,10 @@ demo: deps build
 
 # bench: the benchmarks (scripts/bench.sh); also installs the benchmark tools (dnsperf) and builds the
 # reference CoreDNS from the separate module in tools/coredns, cached in /var/cache/edgewire
-# (scripts/bench-tools.sh: a cold build takes a few minutes; then it is instant).
+# (scripts/go-tools.sh coredns: a cold build takes a few minutes; then it is instant).
 bench:
 	scripts/install-deps.sh --bench
-	scripts/bench-tools.sh
+	scripts/go-tools.sh coredns
 	$(MAKE) build
 	scripts/bench.sh
 

@@ -3,8 +3,6 @@
 package e2e
 
 import (
-	"bytes"
-	"context"
 	"fmt"
 	"net/netip"
 	"os"
@@ -21,7 +19,7 @@ import (
 
 // The DNS section of the benchmark suite ("dns"): queries per second that dnsperf (Debian's) gets
 // from edgewire's DNS server and from CoreDNS (the reference, built from the Go module proxy by
-// scripts/bench-tools.sh, module tools/coredns) serving the same names. One lab, LAN 10.77.53.0/24:
+// scripts/go-tools.sh coredns, module tools/coredns) serving the same names. One lab, LAN 10.77.53.0/24:
 //
 //	client    10.77.53.10  the agent (DNS at 169.254.96.16, through mesh0 and its gVisor netstack);
 //	                       the CoreDNS references on 127.0.0.1 (kernel sockets); dnsperf
@@ -395,26 +393,8 @@ func (d *dnsBench) writeFile(t *testing.T, name, content string) string {
 	return p
 }
 
-// benchTools returns the directory holding the reference CoreDNS, building it on first use
-// (scripts/bench-tools.sh caches it between runs; a cold build takes a few minutes).
+// benchTools returns the directory holding the reference CoreDNS, building it on first use.
 func benchTools(t testing.TB) string {
 	t.Helper()
-	script, err := filepath.Abs("../scripts/bench-tools.sh")
-	if err != nil {
-		t.Fatalf("bench tools: %v", err)
-	}
-	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Minute)
-	defer cancel()
-	cmd := exec.CommandContext(ctx, script, "--print-dir")
-	var stderr bytes.Buffer
-	cmd.Stderr = &stderr
-	out, err := cmd.Output()
-	if err != nil {
-		t.Fatalf("build coredns (scripts/bench-tools.sh): %v\n%s", err, lastLines(stderr.String(), 30))
-	}
-	dir := strings.TrimSpace(string(out))
-	if _, err := os.Stat(filepath.Join(dir, "coredns")); err != nil {
-		t.Fatalf("bench tools: %v (remove %s and run scripts/bench-tools.sh)", err, dir)
-	}
-	return dir
+	return GoTools(t, "coredns", "coredns")
 }

@@ -2,7 +2,6 @@ package e2e
 
 import (
 	"bytes"
-	"context"
 	"crypto/ecdsa"
 	"crypto/elliptic"
 	"crypto/rand"
@@ -22,7 +21,6 @@ import (
 	"net/http"
 	"net/netip"
 	"os"
-	"os/exec"
 	"path/filepath"
 	"strconv"
 	"strings"
@@ -33,7 +31,7 @@ import (
 )
 
 // KubeAPI is a real Kubernetes API server (kube-apiserver backed by etcd, both built from the Go
-// module proxy by scripts/k8s-tools.sh) running in the root namespace and listening on an address
+// module proxy by scripts/go-tools.sh k8s) running in the root namespace and listening on an address
 // that AttachRoot gave it, so that agents in the lab's namespaces reach it. No controller-manager
 // and no kubelet run: tests create Nodes and EndpointSlices themselves.
 //
@@ -57,30 +55,10 @@ type KubeAPI struct {
 	apiserver  *Proc
 }
 
-// KubeTools returns the directory holding kube-apiserver and etcd, building them on first use
-// (scripts/k8s-tools.sh caches them between runs; a cold build takes 10-20 minutes).
+// KubeTools returns the directory holding kube-apiserver and etcd, building them on first use.
 func KubeTools(t testing.TB) string {
 	t.Helper()
-	script, err := filepath.Abs("../scripts/k8s-tools.sh")
-	if err != nil {
-		t.Fatalf("k8s tools: %v", err)
-	}
-	ctx, cancel := context.WithTimeout(context.Background(), 40*time.Minute)
-	defer cancel()
-	cmd := exec.CommandContext(ctx, script, "--print-dir")
-	var stderr bytes.Buffer
-	cmd.Stderr = &stderr
-	out, err := cmd.Output()
-	if err != nil {
-		t.Fatalf("build kube-apiserver and etcd (scripts/k8s-tools.sh): %v\n%s", err, lastLines(stderr.String(), 30))
-	}
-	dir := strings.TrimSpace(string(out))
-	for _, b := range []string{"kube-apiserver", "etcd"} {
-		if _, err := os.Stat(filepath.Join(dir, b)); err != nil {
-			t.Fatalf("k8s tools: %v (remove %s and run scripts/k8s-tools.sh)", err, dir)
-		}
-	}
-	return dir
+	return GoTools(t, "k8s", "kube-apiserver", "etcd")
 }
 
 // StartKubeAPI starts etcd and kube-apiserver listening on addr (an address of the root namespace,

@@ -1,12 +1,14 @@
 package e2e
 
 import (
+	"bytes"
 	"context"
 	"fmt"
 	"os"
 	"os/exec"
 	"path/filepath"
 	"strings"
+	"testing"
 	"time"
 )
 
@@ -83,4 +85,32 @@ func goBuild(out, pkg string) error {
 		return fmt.Errorf("go build %s: %w\n%s", pkg, err, b)
 	}
 	return nil
+}
+
+// GoTools returns the directory holding the binaries that `scripts/go-tools.sh name` builds from the
+// tools module tools/<name> (kube-apiserver and etcd for "k8s", CoreDNS for "coredns"), building
+// them on first use: the script caches them between runs, so only a machine's first run waits
+// (10-20 minutes for k8s, a few for coredns). It fails t when a binary is missing afterwards.
+func GoTools(t testing.TB, name string, binaries ...string) string {
+	t.Helper()
+	script, err := filepath.Abs("../scripts/go-tools.sh")
+	if err != nil {
+		t.Fatalf("%s tools: %v", name, err)
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 40*time.Minute)
+	defer cancel()
+	cmd := exec.CommandContext(ctx, script, name, "--print-dir")
+	var stderr bytes.Buffer
+	cmd.Stderr = &stderr
+	out, err := cmd.Output()
+	if err != nil {
+		t.Fatalf("build %s (scripts/go-tools.sh %s): %v\n%s", strings.Join(binaries, " and "), name, err, lastLines(stderr.String(), 30))
+	}
+	dir := strings.TrimSpace(string(out))
+	for _, b := range binaries {
+		if _, err := os.Stat(filepath.Join(dir, b)); err != nil {
+			t.Fatalf("%s tools: %v (remove %s and run scripts/go-tools.sh %s)", name, err, dir, name)
+		}
+	}
+	return dir
 }

@@ -9,7 +9,7 @@
 # MTU N instead of the product's default; the report records it.
 #
 # Needs root and the tools of `scripts/install-deps.sh --bench`; `make bench` installs them and
-# builds first (scripts/bench-tools.sh builds the reference CoreDNS). A full run takes about 15
+# builds first (scripts/go-tools.sh coredns builds the reference CoreDNS). A full run takes about 15
 # minutes. The numbers are measurements, not pass/fail
 # thresholds: the run fails only when a transfer fails.
 set -euo pipefail

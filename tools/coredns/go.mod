@@ -1,6 +1,6 @@
 // Module tools/coredns builds CoreDNS, the reference DNS server of the benchmark suite (`make bench`
 // measures edgewire's DNS against CoreDNS's file and hosts plugins). It is a separate module so that
-// CoreDNS and its dependencies never enter edgewire's own go.mod. Build with scripts/bench-tools.sh,
+// CoreDNS and its dependencies never enter edgewire's own go.mod. Build with scripts/go-tools.sh coredns,
 // which caches the binary keyed on this module's files.
 module github.com/edgewire/edgewire/tools/coredns
 

@@ -1,6 +1,6 @@
 // Module tools/k8s builds the real kube-apiserver and etcd that the Kubernetes e2e tests run against.
 // It is a separate module so that k8s.io/kubernetes never enters edgewire's own go.mod.
-// Build with scripts/k8s-tools.sh, which caches the binaries keyed on this module's go.sum.
+// Build with scripts/go-tools.sh k8s, which caches the binaries keyed on this module's go.sum.
 module github.com/edgewire/edgewire/tools/k8s
 
 go 1.26.0
