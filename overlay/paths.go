@@ -4,7 +4,6 @@ import (
 	"context"
 	"encoding/base64"
 	"fmt"
-	"net"
 	"net/netip"
 	"slices"
 	"strings"
@@ -144,9 +143,8 @@ func containsAddrPort(list []netip.AddrPort, a netip.AddrPort) bool {
 	return false
 }
 
-// lanEndpoints are the addresses of this node's WireGuard socket on its own networks: every global
-// unicast or private address of an interface that is up, except the TUN itself, with the listen
-// port. The catalog's Node object for this node, when it lists endpoints, wins.
+// lanEndpoints are the endpoints the catalog's Node object for this node lists, when it lists
+// any, else interfaceEndpoints.
 func (m *mesh) lanEndpoints() []netip.AddrPort {
 	m.mu.Lock()
 	for _, n := range m.snap.Nodes {
@@ -161,38 +159,21 @@ func (m *mesh) lanEndpoints() []netip.AddrPort {
 }
 
 // interfaceEndpoints are the addresses of this node's WireGuard socket on its own networks: every
-// global unicast or private address of an interface that is up, except the TUN itself, with the
-// listen port. This is what the node publishes about itself.
+// global unicast or private address of an interface that is up, except the TUN itself and the
+// overlay range, with the listen port. This is what the node publishes about itself.
 func (m *mesh) interfaceEndpoints() []netip.AddrPort {
-	ifs, err := net.Interfaces()
+	ips, err := path.InterfacePrefixes()
 	if err != nil {
 		m.logger.Warn("list interfaces for LAN addresses", "err", err)
 		return nil
 	}
 	var out []netip.AddrPort
-	for _, ifc := range ifs {
-		if ifc.Flags&net.FlagUp == 0 || ifc.Flags&net.FlagLoopback != 0 || ifc.Name == m.tunName {
+	for _, ip := range ips {
+		a := ip.Prefix.Addr()
+		if ip.Interface == m.tunName || !a.IsGlobalUnicast() || m.prefix.Contains(a) {
 			continue
 		}
-		addrs, err := ifc.Addrs()
-		if err != nil {
-			continue
-		}
-		for _, a := range addrs {
-			ipn, ok := a.(*net.IPNet)
-			if !ok {
-				continue
-			}
-			ip, ok := netip.AddrFromSlice(ipn.IP)
-			if !ok {
-				continue
-			}
-			ip = ip.Unmap()
-			if !ip.IsGlobalUnicast() || m.prefix.Contains(ip) {
-				continue
-			}
-			out = append(out, netip.AddrPortFrom(ip, m.listenPt))
-		}
+		out = append(out, netip.AddrPortFrom(a, m.listenPt))
 	}
 	return out
 }

@@ -44,13 +44,21 @@ func (c *onLinkCache) any(now time.Time, addrs []netip.AddrPort) bool {
 	return false
 }
 
-// interfacePrefixes returns the prefixes of the host's up, non-loopback interfaces.
-func interfacePrefixes() ([]netip.Prefix, error) {
+// InterfacePrefix is one address of a host interface with its prefix length (Prefix is not masked:
+// its Addr is the interface's address).
+type InterfacePrefix struct {
+	Interface string
+	Prefix    netip.Prefix
+}
+
+// InterfacePrefixes returns the addresses of the host's interfaces that are up, loopback excluded,
+// IPv4-mapped addresses unmapped.
+func InterfacePrefixes() ([]InterfacePrefix, error) {
 	ifs, err := net.Interfaces()
 	if err != nil {
 		return nil, err
 	}
-	var out []netip.Prefix
+	var out []InterfacePrefix
 	for _, ifc := range ifs {
 		if ifc.Flags&net.FlagUp == 0 || ifc.Flags&net.FlagLoopback != 0 {
 			continue
@@ -69,8 +77,21 @@ func interfacePrefixes() ([]netip.Prefix, error) {
 				continue
 			}
 			ones, _ := ipn.Mask.Size()
-			out = append(out, netip.PrefixFrom(ip.Unmap(), ones).Masked())
+			out = append(out, InterfacePrefix{Interface: ifc.Name, Prefix: netip.PrefixFrom(ip.Unmap(), ones)})
 		}
+	}
+	return out, nil
+}
+
+// interfacePrefixes returns the subnets of the host's up, non-loopback interfaces.
+func interfacePrefixes() ([]netip.Prefix, error) {
+	ips, err := InterfacePrefixes()
+	if err != nil {
+		return nil, err
+	}
+	out := make([]netip.Prefix, len(ips))
+	for i, ip := range ips {
+		out[i] = ip.Prefix.Masked()
 	}
 	return out, nil
 }
