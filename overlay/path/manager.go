@@ -195,7 +195,6 @@ type Manager struct {
 	setLog logLimiter
 
 	mu        sync.Mutex // guards all following fields
-	onLink    onLinkCache
 	started   bool
 	closed    bool
 	peers     map[[32]byte]*peerState
