@@ -11,6 +11,8 @@ import (
 	"gvisor.dev/gvisor/pkg/tcpip"
 	"gvisor.dev/gvisor/pkg/tcpip/header"
 	"gvisor.dev/gvisor/pkg/tcpip/stack"
+
+	"github.com/edgewire/edgewire/overlay/internal/vnet"
 )
 
 // This file is the Stack's tun.Device side: packets in (Write) and out (Read). The gVisor link endpoint
@@ -175,3 +177,59 @@ func (s *Stack) Events() <-chan tun.Event { return s.events }
 
 // BatchSize returns the largest batch Read fills.
 func (s *Stack) BatchSize() int { return batchSize }
+
+// PumpOffload writes every packet the stack emits through write, with its virtio header, until the
+// Stack closes; it implements the overlay/tun OffloadDevice. Once it runs, TCP connections set up
+// afterwards emit segmentation-offload packets of up to 64 KiB with partial checksums, which the kernel
+// TUN takes whole (and splits itself when it forwards them); other packets carry full checksums and a
+// plain header. Read must not be used alongside. PumpOffload returns nil when the Stack closes, or the
+// first error of write.
+func (s *Stack) PumpOffload(write func(h vnet.Header, parts [][]byte) error) error {
+	s.link.gso.Store(true)
+	var arr [batchSize]*stack.PacketBuffer
+	for {
+		if s.down.Load() {
+			return nil
+		}
+		m := s.link.read(s.ctx, arr[:])
+		if m == 0 {
+			return nil
+		}
+		var err error
+		for i, pb := range arr[:m] {
+			if err == nil {
+				h := offloadHeader(pb)
+				err = write(h, pb.AsSlices())
+				if err == nil {
+					s.packetsOut.Add(1)
+				}
+			}
+			pb.DecRef()
+			arr[i] = nil
+		}
+		if err != nil {
+			return err
+		}
+	}
+}
+
+// offloadHeader returns the virtio header of an emitted packet: none for a packet with full
+// checksums; a partial checksum, and TCP segmentation when the payload exceeds the MSS, for a packet
+// of a connection with GSO.
+func offloadHeader(pb *stack.PacketBuffer) vnet.Header {
+	g := pb.GSOOptions
+	if g.Type == stack.GSONone || !g.NeedsCsum {
+		return vnet.Header{}
+	}
+	l3 := uint16(len(pb.NetworkHeader().Slice()))
+	l4 := uint16(len(pb.TransportHeader().Slice()))
+	h := vnet.Header{Flags: vnet.NeedsChecksum, HdrLen: l3 + l4, CsumStart: l3, CsumOffset: g.CsumOffset}
+	if pb.Data().Size() > int(g.MSS) && g.MSS > 0 {
+		h.GSOSize = g.MSS
+		h.GSOType = vnet.GSOTCPv4
+		if g.Type == stack.GSOTCPv6 {
+			h.GSOType = vnet.GSOTCPv6
+		}
+	}
+	return h
+}

@@ -3,6 +3,7 @@ package netstack
 import (
 	"context"
 	"sync"
+	"sync/atomic"
 
 	"gvisor.dev/gvisor/pkg/tcpip"
 	"gvisor.dev/gvisor/pkg/tcpip/header"
@@ -21,6 +22,9 @@ import (
 // queued (up to its batch) in one go.
 type linkEndpoint struct {
 	mtu uint32
+	// gso is set once the packets the stack emits go to the kernel with virtio headers (PumpOffload):
+	// TCP then hands the link segmentation-offload packets with partial checksums (HostGSOSupported).
+	gso atomic.Bool
 
 	// groMu serializes deliveries: gro.GRO is not safe for concurrent use.
 	groMu sync.Mutex
@@ -36,7 +40,26 @@ type linkEndpoint struct {
 	closed     bool
 }
 
-var _ stack.LinkEndpoint = (*linkEndpoint)(nil)
+var (
+	_ stack.LinkEndpoint = (*linkEndpoint)(nil)
+	_ stack.GSOEndpoint  = (*linkEndpoint)(nil)
+)
+
+// gsoMaxSize is the largest segmentation-offload packet TCP may emit: what one IP packet's length
+// field can say. (gVisor's TCP keeps its payload below this minus the largest headers.)
+const gsoMaxSize = 65535
+
+// GSOMaxSize implements stack.GSOEndpoint.
+func (e *linkEndpoint) GSOMaxSize() uint32 { return gsoMaxSize }
+
+// SupportedGSO implements stack.GSOEndpoint: host GSO once the kernel takes the packets whole
+// (gso set), none before. TCP asks when a connection is set up.
+func (e *linkEndpoint) SupportedGSO() stack.SupportedGSO {
+	if e.gso.Load() {
+		return stack.HostGSOSupported
+	}
+	return stack.GSONotSupported
+}
 
 func newLinkEndpoint(mtu int) *linkEndpoint {
 	e := &linkEndpoint{mtu: uint32(mtu), ready: make(chan struct{}, 1)}

@@ -33,9 +33,9 @@ func (s *Splitter) Overlay() wgtun.Device {
 // overlayDev is the tun.Device of wireguard-go.
 type overlayDev struct {
 	s *Splitter
-	// routes is set by Start before ready; it is then read only by the one goroutine that calls Read
+	// reader is set by Start before ready; it is then used only by the one goroutine that calls Read
 	// (wireguard-go reads its TUN from a single goroutine).
-	routes []*splitRoute
+	reader *kernelReader
 	ready  atomic.Bool
 
 	packetsIn, packetsOut atomic.Uint64
@@ -60,7 +60,7 @@ func (o *overlayDev) Read(bufs [][]byte, sizes []int, offset int) (int, error) {
 	}
 	s := o.s
 	for {
-		n, err := s.kernel.Read(bufs, sizes, offset)
+		n, err := o.reader.read(bufs, sizes, offset)
 		kept := 0
 		for i := range n {
 			if sizes[i] < 1 {
@@ -73,7 +73,7 @@ func (o *overlayDev) Read(bufs [][]byte, sizes []int, offset int) (int, error) {
 				sizes[i] = 0
 				continue
 			}
-			if r := lookup(o.routes, dst); r != nil {
+			if r := lookup(o.reader.routes, dst); r != nil {
 				r.packets.Add(1)
 				r.dev.pending = append(r.dev.pending, bufs[i][:offset+sizes[i]])
 				sizes[i] = 0

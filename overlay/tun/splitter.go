@@ -36,6 +36,7 @@ type Splitter struct {
 	wg      sync.WaitGroup
 
 	toKernel, noRoute, malformed, segments, readErrors, writeErrors atomic.Uint64
+	superIn, superOut                                               atomic.Uint64
 
 	logMu   sync.Mutex // guards lastLog
 	lastLog time.Time
@@ -56,6 +57,8 @@ type splitRoute struct {
 type splitDev struct {
 	dev     wgtun.Device
 	pending [][]byte // this device's share of the current inbound batch; used by the inbound goroutine only
+	// offload is dev when it is an OffloadDevice and the kernel TUN has IFF_VNET_HDR (set by Start).
+	offload OffloadDevice
 }
 
 // SplitterStats is a snapshot of the Splitter's counters.
@@ -72,6 +75,10 @@ type SplitterStats struct {
 	DroppedSegments uint64
 	// ReadErrors and WriteErrors count failed reads and writes (other than the device closing).
 	ReadErrors, WriteErrors uint64
+	// SuperPacketsIn counts the kernel's TCP segmentation-offload packets given whole to an
+	// OffloadDevice; SuperPacketsOut the segmentation-offload packets OffloadDevices wrote to the
+	// kernel. Both stay 0 without IFF_VNET_HDR.
+	SuperPacketsIn, SuperPacketsOut uint64
 }
 
 // RouteStats counts the packets sent to one route's device.
@@ -136,20 +143,30 @@ func (s *Splitter) Start() error {
 	sorted := slices.Clone(s.routes)
 	slices.SortStableFunc(sorted, func(a, b *splitRoute) int { return b.prefix.Bits() - a.prefix.Bits() })
 	batch := max(s.kernel.BatchSize(), 1)
+	raw := rawOf(s.kernel)
 	for _, d := range s.devs {
 		d.pending = make([][]byte, 0, batch)
+		if od, ok := d.dev.(OffloadDevice); ok && raw != nil {
+			d.offload = od
+		}
 	}
+	s.log.Debug("splitter started", "offloads", raw != nil)
+	reader := &kernelReader{s: s, raw: raw, routes: sorted}
 	if s.overlay != nil {
 		// wireguard-go's TUN reader drives the inbound path through the overlay device's Read.
-		s.overlay.routes = sorted
+		s.overlay.reader = reader
 		s.overlay.ready.Store(true)
 	} else {
 		s.wg.Add(1)
-		go s.inbound(sorted, batch)
+		go s.inbound(reader, batch)
 	}
 	s.wg.Add(len(s.devs))
 	for _, d := range s.devs {
-		go s.outbound(d)
+		if d.offload != nil {
+			go s.pump(d, raw)
+		} else {
+			go s.outbound(d)
+		}
 	}
 	return nil
 }
@@ -170,6 +187,8 @@ func (s *Splitter) Stats() SplitterStats {
 		DroppedSegments:  s.segments.Load(),
 		ReadErrors:       s.readErrors.Load(),
 		WriteErrors:      s.writeErrors.Load(),
+		SuperPacketsIn:   s.superIn.Load(),
+		SuperPacketsOut:  s.superOut.Load(),
 	}
 }
 
@@ -199,8 +218,9 @@ func (s *Splitter) packetBufSize() int {
 }
 
 // inbound reads the kernel and writes each packet to its route's device.
-func (s *Splitter) inbound(routes []*splitRoute, batch int) {
+func (s *Splitter) inbound(reader *kernelReader, batch int) {
 	defer s.wg.Done()
+	routes := reader.routes
 	bufs := make([][]byte, batch)
 	size := s.packetBufSize()
 	for i := range bufs {
@@ -208,7 +228,7 @@ func (s *Splitter) inbound(routes []*splitRoute, batch int) {
 	}
 	sizes := make([]int, batch)
 	for {
-		n, err := s.kernel.Read(bufs, sizes, Offset)
+		n, err := reader.read(bufs, sizes, Offset)
 		for i := range n {
 			pkt := bufs[i][Offset : Offset+sizes[i]]
 			dst, ok := destination(pkt)
