@@ -71,6 +71,8 @@ func (b *backend) Status() control.Status {
 			st.Forward = control.ForwardStats{TCPAccepted: fs.TCPAccepted, UDPAccepted: fs.UDPAccepted,
 				Refused: fs.Refused, BadHeader: fs.BadHeader, DialFailures: fs.DialFailures}
 		}
+		ds := m.dialer.Stats()
+		st.Forward.SpareDials, st.Forward.FreshDials = ds.SpareDials, ds.FreshDials
 		if m.bind != nil {
 			bs := m.bind.Stats()
 			st.DroppedDatagrams = bs.OtherDropped + bs.RelayedInDropped

@@ -130,6 +130,10 @@ type mesh struct {
 	done      chan struct{} // closed by close: stops the keepalive loop
 }
 
+// forwardSpares is how many connected forward connections the agent keeps ready per node it forwards
+// flows to: a new flow then waits one round trip over the overlay (header, status) instead of two.
+const forwardSpares = 2
+
 func newMesh(cfg *Config, id *identity.Identity, overlay netip.Addr) *mesh {
 	m := &mesh{
 		root:     cfg.Logger,
@@ -142,7 +146,7 @@ func newMesh(cfg *Config, id *identity.Identity, overlay netip.Addr) *mesh {
 		tunName:  cfg.TUNName,
 		fwdPort:  cfg.ForwardPort,
 		listenPt: cfg.ListenPort,
-		dialer:   forward.Dialer{Port: cfg.ForwardPort},
+		dialer:   forward.Dialer{Port: cfg.ForwardPort, Spares: forwardSpares},
 		peers:    make(map[identity.Key]*peer),
 
 		relayAddrs: slices.Clone(cfg.Relays),
@@ -253,6 +257,7 @@ func (m *mesh) close() error {
 	if m.paths != nil {
 		errs = append(errs, m.paths.Close())
 	}
+	errs = append(errs, m.dialer.Close())
 	if m.listener != nil {
 		errs = append(errs, m.listener.Close())
 	}

@@ -62,6 +62,10 @@ type ForwardStats struct {
 	Refused      uint64 `json:"refused"`
 	BadHeader    uint64 `json:"badHeader"`
 	DialFailures uint64 `json:"dialFailures"`
+	// SpareDials and FreshDials count this node's forward dials to other nodes that used a spare
+	// connection and that connected afresh.
+	SpareDials uint64 `json:"spareDials"`
+	FreshDials uint64 `json:"freshDials"`
 }
 
 // WireGuard is the node's WireGuard device as `wg show` sees it, with node names.

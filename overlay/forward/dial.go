@@ -18,13 +18,31 @@ import (
 const DefaultDialTimeout = 5 * time.Second
 
 // Dialer is the client side: it opens flows to endpoints on other nodes through their Listener. The
-// zero Dialer is ready to use; it is safe for concurrent use.
+// zero Dialer is ready to use; it is safe for concurrent use and must not be copied after first use.
+// A Dialer with Spares must be closed.
 type Dialer struct {
 	// Port is the forward port of the remote nodes; 0 means DefaultPort.
 	Port uint16
 	// Timeout bounds a whole Dial (connect, header and status), together with the context's
 	// deadline; 0 means DefaultDialTimeout.
 	Timeout time.Duration
+	// Spares is how many connected TCP connections per remote node the Dialer keeps ready, so that
+	// a flow's Dial only sends its header and reads the status: one round trip over the overlay
+	// instead of two. Spares are dialled in the background by the Dials that use a node (none for a
+	// node never dialled) and closed after SpareMaxAge unused. 0 means none.
+	Spares int
+	// SpareMaxAge is how long a spare waits; 0 means DefaultSpareMaxAge. Keep it below the remote
+	// Listener's HeaderTimeout.
+	SpareMaxAge time.Duration
+
+	mu     sync.Mutex // guards all following fields
+	closed bool
+	stats  DialerStats // Spares unused
+	pool   map[netip.AddrPort]*spares
+	timers map[*time.Timer]struct{} // the spares' expiry timers
+	ctx    context.Context          // canceled by Close: stops refills
+	cancel context.CancelFunc
+	wg     sync.WaitGroup // refills
 }
 
 // Dial opens a flow of proto to target, an endpoint on the node whose overlay address is node.
@@ -58,6 +76,16 @@ func (d *Dialer) Dial(ctx context.Context, proto discovery.Protocol, node netip.
 	var err error
 	switch proto {
 	case discovery.TCP:
+		if c := d.takeSpare(server); c != nil {
+			conn, err = exchangeTCP(ctx, c, h)
+			if err == nil || !retryable(err) {
+				d.count(func(st *DialerStats) { st.SpareDials++ })
+				break
+			}
+			// The spare died (its Listener restarted, say): dial afresh.
+			d.count(func(st *DialerStats) { st.DeadSpares++ })
+		}
+		d.count(func(st *DialerStats) { st.FreshDials++ })
 		conn, err = dialTCP(ctx, server, h)
 	default:
 		conn, err = dialUDP(ctx, server, h)
@@ -68,6 +96,12 @@ func (d *Dialer) Dial(ctx context.Context, proto discovery.Protocol, node netip.
 	return conn, nil
 }
 
+func (d *Dialer) count(f func(*DialerStats)) {
+	d.mu.Lock()
+	f(&d.stats)
+	d.mu.Unlock()
+}
+
 // dialTCP connects to server, sends h and reads the status, all within ctx.
 func dialTCP(ctx context.Context, server netip.AddrPort, h Header) (net.Conn, error) {
 	var nd net.Dialer
@@ -75,7 +109,18 @@ func dialTCP(ctx context.Context, server netip.AddrPort, h Header) (net.Conn, er
 	if err != nil {
 		return nil, err
 	}
-	conn := c.(*net.TCPConn)
+	return exchangeTCP(ctx, c.(*net.TCPConn), h)
+}
+
+// retryable reports whether a Dial over a spare connection failed because of the connection, not
+// because of the target: the flow may then be dialled again on a new connection.
+func retryable(err error) bool {
+	return !errors.Is(err, ErrRefused) && !errors.Is(err, ErrDialFailed) && !errors.Is(err, ErrUnsupportedVersion) &&
+		!errors.Is(err, context.Canceled) && !errors.Is(err, context.DeadlineExceeded)
+}
+
+// exchangeTCP sends h on conn and reads the status, within ctx; it closes conn on failure.
+func exchangeTCP(ctx context.Context, conn *net.TCPConn, h Header) (net.Conn, error) {
 	if dl, ok := ctx.Deadline(); ok {
 		conn.SetDeadline(dl)
 	}

@@ -39,6 +39,11 @@
 //	   timeout (5 s by default)
 //	4  unsupported version
 //
+// A client may connect ahead of need (Dialer.Spares: a flow then waits for one round trip, the
+// status, instead of two) and close such a spare connection unused, before its first byte: the
+// server counts it (Stats.Unused) and answers nothing. A spare not used within the server's header
+// timeout gets status 3 like any silent client.
+//
 // After a non-zero status the server closes the connection, and the client may fail over to
 // another endpoint. The client sends no payload before status 0. After it, each side's half-close
 // (FIN) is passed on to the other, and the connection ends when both directions have ended.

@@ -60,8 +60,10 @@ type Stats struct {
 	UDPAccepted uint64 // UDP flows opened
 	Refused     uint64 // targets Allow refused: TCP requests (status 1) and UDP datagrams
 	// BadHeader counts malformed, wrong-protocol and other-version headers, TCP and UDP, and TCP
-	// connections that closed or timed out before a whole header.
-	BadHeader    uint64
+	// connections that closed in the middle of a header or timed out before a whole one.
+	BadHeader uint64
+	// Unused counts TCP connections closed before their first byte: spares a Dialer did not need.
+	Unused       uint64
 	DialFailures uint64 // targets that could not be dialled (status 2 for TCP)
 	UDPDropped   uint64 // UDP datagrams dropped past the flow cap or on a failed send, either way
 	ActiveTCP    uint64 // TCP flows being spliced now
@@ -72,7 +74,7 @@ type Stats struct {
 
 type counters struct {
 	tcpAccepted, udpAccepted, refused, badHeader, dialFailures, udpDropped atomic.Uint64
-	activeTCP, activeUDP, bytesIn, bytesOut                                atomic.Uint64
+	activeTCP, activeUDP, bytesIn, bytesOut, unused                        atomic.Uint64
 }
 
 // Listener is the server side: it serves forward requests on [Addr]:Port, TCP and UDP.
@@ -206,6 +208,7 @@ func (l *Listener) Stats() Stats {
 		UDPAccepted:  c.udpAccepted.Load(),
 		Refused:      c.refused.Load(),
 		BadHeader:    c.badHeader.Load(),
+		Unused:       c.unused.Load(),
 		DialFailures: c.dialFailures.Load(),
 		UDPDropped:   c.udpDropped.Load(),
 		ActiveTCP:    c.activeTCP.Load(),

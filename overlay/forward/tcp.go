@@ -59,6 +59,11 @@ func (l *Listener) serveTCP(c *net.TCPConn) {
 	if err == nil && h.Proto != discovery.TCP {
 		st, err = StatusBadRequest, fmt.Errorf("%w: protocol %s on the TCP port", ErrMalformed, h.Proto)
 	}
+	if errors.Is(err, io.EOF) {
+		// Closed before the first byte: a spare connection the client did not need (Dialer.Spares).
+		l.stats.unused.Add(1)
+		return
+	}
 	if err != nil {
 		l.stats.badHeader.Add(1)
 		l.logf(slog.LevelWarn, "forward: bad tcp request", "peer", peer, "err", err)
