@@ -58,6 +58,7 @@ type backend struct {
 type singleNode struct {
 	lab          *Lab
 	client       *Node
+	app          *Node // a "pod" behind client, routed through it: its traffic is forwarded to mesh0
 	backends     []*backend
 	agent        *Agent
 	servicesPath string
@@ -121,6 +122,12 @@ func newSingleNode(t *testing.T) *singleNode {
 	// A second client address, for policies keyed by the client IP.
 	s.client.MustExec(t, "ip", "addr", "add", "10.77.1.20/24", "dev", "eth0")
 	s.client.SetResolvConf(t, netip.MustParseAddr(dnsIP))
+	// An application pod on the node (a veth, a subnet of its own, the node as its gateway), as on a
+	// Kubernetes node: its flows to service IPs are forwarded by the node's kernel to mesh0.
+	s.app = lab.Node(t, "app")
+	lab.Link(t, s.client, netip.MustParsePrefix("10.88.0.1/24"), s.app, netip.MustParsePrefix("10.88.0.10/24"))
+	s.app.SetDefaultRoute(t, netip.MustParseAddr("10.88.0.1"))
+	s.client.MustExec(t, "sysctl", "-qw", "net.ipv4.ip_forward=1")
 
 	for i, name := range []string{"b1", "b2", "b3"} {
 		b := &backend{name: name, ip: fmt.Sprintf("10.77.1.%d", 11+i), node: lab.Node(t, name), procs: map[string]*Proc{}}

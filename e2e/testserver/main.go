@@ -3,7 +3,8 @@
 // resolver, or as a UDP client that checks datagram boundaries.
 //
 //	testserver http      --listen :8080 --name b1       GET / answers "b1\n" with header X-Backend: b1;
-//	                                                     GET /big?n=BYTES streams BYTES bytes
+//	                                                     GET /big?n=BYTES streams BYTES bytes;
+//	                                                     POST /sink reads the body, answers "BYTES SHA256HEX\n"
 //	testserver udpecho   --listen :9000 --name b1       echoes each datagram prefixed "b1:"
 //	testserver dns       --listen IP:53 --record name=ip [--record ...]
 //	                                                     answers A queries for the records (UDP and TCP)
@@ -16,9 +17,11 @@ package main
 
 import (
 	"context"
+	"crypto/sha256"
 	"errors"
 	"flag"
 	"fmt"
+	"io"
 	"net"
 	"net/http"
 	"os"
@@ -93,6 +96,16 @@ func runHTTP(ctx context.Context, args []string) error {
 			return
 		}
 		fmt.Fprintf(w, "%s\n", *name)
+	})
+	mux.HandleFunc("/sink", func(w http.ResponseWriter, r *http.Request) {
+		w.Header().Set("X-Backend", *name)
+		h := sha256.New()
+		n, err := io.Copy(h, r.Body)
+		if err != nil {
+			http.Error(w, err.Error(), http.StatusBadRequest)
+			return
+		}
+		fmt.Fprintf(w, "%d %x\n", n, h.Sum(nil))
 	})
 	mux.HandleFunc("/big", func(w http.ResponseWriter, r *http.Request) {
 		w.Header().Set("X-Backend", *name)
