@@ -187,6 +187,7 @@ func (s *Stack) BatchSize() int { return batchSize }
 func (s *Stack) PumpOffload(write func(h vnet.Header, parts [][]byte) error) error {
 	s.link.gso.Store(true)
 	var arr [batchSize]*stack.PacketBuffer
+	parts := make([][]byte, 0, 8)
 	for {
 		if s.down.Load() {
 			return nil
@@ -199,7 +200,9 @@ func (s *Stack) PumpOffload(write func(h vnet.Header, parts [][]byte) error) err
 		for i, pb := range arr[:m] {
 			if err == nil {
 				h := offloadHeader(pb)
-				err = write(h, pb.AsSlices())
+				parts = packetSlices(parts[:0], pb)
+				err = write(h, parts)
+				clear(parts)
 				if err == nil {
 					s.packetsOut.Add(1)
 				}
@@ -211,6 +214,22 @@ func (s *Stack) PumpOffload(write func(h vnet.Header, parts [][]byte) error) err
 			return err
 		}
 	}
+}
+
+// packetSlices appends the slices of pb's bytes to dst, without copying them (pb.AsSlices, minus its
+// allocation).
+func packetSlices(dst [][]byte, pb *stack.PacketBuffer) [][]byte {
+	vl, off := pb.AsViewList()
+	for v := vl.Front(); v != nil; v = v.Next() {
+		b := v.AsSlice()
+		if off >= len(b) {
+			off -= len(b)
+			continue
+		}
+		dst = append(dst, b[off:])
+		off = 0
+	}
+	return dst
 }
 
 // offloadHeader returns the virtio header of an emitted packet: none for a packet with full
