@@ -425,6 +425,10 @@ func (a *Agent) releaseMemory(ctx context.Context) {
 	}
 }
 
+// The proxy admits flows before it dials them: the netstack completes a client's handshake while the
+// proxy dials.
+var _ netstack.Admitter = (*proxy.Proxy)(nil)
+
 // meshDialer is the proxy's EndpointDialer: the mesh once it exists.
 type meshDialer Agent
 

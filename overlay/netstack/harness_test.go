@@ -35,7 +35,9 @@ type harness struct {
 
 func newHarness(tb testing.TB, cfg Config, dialer *fakeDialer) *harness {
 	tb.Helper()
-	cfg.Dialer = dialer
+	if cfg.Dialer == nil {
+		cfg.Dialer = dialer
+	}
 	if cfg.Prefixes == nil {
 		cfg.Prefixes = []netip.Prefix{netip.MustParsePrefix("9.251.0.0/16"), netip.MustParsePrefix("fd00:9251::/64")}
 	}

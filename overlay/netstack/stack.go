@@ -36,15 +36,23 @@ import (
 
 // Dialer is the flow-handler hook: the proxy implements it.
 type Dialer interface {
-	// DialFlow is called once per new TCP connection (before the stack completes the client's handshake)
-	// and once per new UDP flow (first datagram of a new src/dst pair). It returns the upstream connection
-	// the stack splices the flow to. An error refuses the flow: TCP gets a RST at once (connection
-	// refused), UDP's datagram is dropped (and counted).
+	// DialFlow is called once per new TCP connection and once per new UDP flow (first datagram of a
+	// new src/dst pair). It returns the upstream connection the stack splices the flow to. An error
+	// refuses the flow: TCP gets a RST (connection refused when the Dialer is no Admitter, since the
+	// stack then completes the client's handshake only after DialFlow; a reset of the established
+	// connection otherwise, see Admitter), UDP's datagram is dropped (and counted).
 	//
 	// For UDP the returned net.Conn must keep datagram boundaries: one Write sends one datagram, one Read
 	// returns one. ctx expires after Config.ConnectTimeout and when the Stack closes. DialFlow may be
 	// called from many goroutines at once.
 	DialFlow(ctx context.Context, proto discovery.Protocol, src, dst netip.AddrPort) (net.Conn, error)
+}
+
+// Admitter is an optional interface of a Dialer. AdmitFlow tells at once, without dialling, whether a
+// new TCP flow has anywhere to go; a Dialer that implements it lets the Stack complete the client's
+// handshake while DialFlow dials (see handleTCP). An error refuses the flow with a RST.
+type Admitter interface {
+	AdmitFlow(proto discovery.Protocol, src, dst netip.AddrPort) error
 }
 
 // Config configures a Stack. The zero value of each optional field selects the default named.

@@ -6,6 +6,7 @@ import (
 	"io"
 	"log/slog"
 	"net"
+	"net/netip"
 	"sync"
 	"sync/atomic"
 
@@ -17,9 +18,13 @@ import (
 )
 
 // handleTCP is the TCP forwarder's handler. gVisor's forwarder already runs it in a goroutine of its own
-// per SYN (so a slow DialFlow stalls no other packet); the Stack adopts that goroutine into s.wg. It
-// dials upstream first and only then completes the client's handshake, so a refused flow is refused
-// with a RST before the client ever sees it established.
+// per SYN (so a slow DialFlow stalls no other packet); the Stack adopts that goroutine into s.wg.
+//
+// With a Dialer that is an Admitter, a flow AdmitFlow refuses gets a RST at once; an admitted one has
+// its handshake completed while DialFlow dials, so the client's connect does not wait for the dial (the
+// data it sends meanwhile waits in the stack's receive buffer); a DialFlow error then resets the
+// established connection. Without an Admitter, DialFlow runs first and the handshake is completed only
+// once it succeeded: a refused flow is refused with a RST before the client ever sees it established.
 func (s *Stack) handleTCP(r *tcp.ForwarderRequest) {
 	if !s.enter() {
 		r.Complete(true)
@@ -31,14 +36,34 @@ func (s *Stack) handleTCP(r *tcp.ForwarderRequest) {
 	src := addrPort(id.RemoteAddress, id.RemotePort)
 	dst := addrPort(id.LocalAddress, id.LocalPort)
 
+	admitter, early := s.cfg.Dialer.(Admitter)
+	if early {
+		if err := admitter.AdmitFlow(discovery.TCP, src, dst); err != nil {
+			s.refuseTCP(r, src, dst, err)
+			return
+		}
+	}
 	ctx, cancel := context.WithTimeout(s.ctx, s.cfg.ConnectTimeout)
-	up, err := s.cfg.Dialer.DialFlow(ctx, discovery.TCP, src, dst)
-	cancel()
-	if err != nil {
-		s.tcpStats.refused.Add(1)
-		s.logf(slog.LevelDebug, "tcp flow refused", "src", src, "dst", dst, "err", err)
-		r.Complete(true)
-		return
+	defer cancel()
+	dialed := make(chan dialResult, 1)
+	dial := func() {
+		up, err := s.cfg.Dialer.DialFlow(ctx, discovery.TCP, src, dst)
+		dialed <- dialResult{up, err}
+	}
+	if early {
+		s.wg.Add(1) // the caller holds a reference on s.wg, so Close has not begun waiting
+		go func() {
+			defer s.wg.Done()
+			dial()
+		}()
+	} else {
+		dial()
+		res := <-dialed
+		if res.err != nil {
+			s.refuseTCP(r, src, dst, res.err)
+			return
+		}
+		dialed <- res
 	}
 
 	var wq waiter.Queue
@@ -47,13 +72,23 @@ func (s *Stack) handleTCP(r *tcp.ForwarderRequest) {
 		s.tcpStats.refused.Add(1)
 		s.logf(slog.LevelDebug, "tcp flow: handshake with client failed", "src", src, "dst", dst, "err", terr.String())
 		r.Complete(true)
-		up.Close()
+		cancel()
+		if res := <-dialed; res.up != nil {
+			res.up.Close()
+		}
 		return
 	}
 	r.Complete(false)
+	res := <-dialed
+	if res.err != nil {
+		s.tcpStats.refused.Add(1)
+		s.logf(slog.LevelDebug, "tcp flow refused: resetting the client's connection", "src", src, "dst", dst, "err", res.err)
+		ep.Abort()
+		return
+	}
 	client := gonet.NewTCPConn(&wq, ep)
 
-	f := &flow{client: client, upstream: up}
+	f := &flow{client: client, upstream: res.up}
 	if !s.addFlow(f) {
 		f.close()
 		return
@@ -63,7 +98,20 @@ func (s *Stack) handleTCP(r *tcp.ForwarderRequest) {
 	s.tcpStats.active.Add(1)
 	defer s.tcpStats.active.Add(^uint64(0))
 
-	s.splice(f, client, up)
+	s.splice(f, client, res.up)
+}
+
+// dialResult is what DialFlow returned.
+type dialResult struct {
+	up  net.Conn
+	err error
+}
+
+// refuseTCP refuses a flow before its handshake: the client gets a RST.
+func (s *Stack) refuseTCP(r *tcp.ForwarderRequest, src, dst netip.AddrPort, err error) {
+	s.tcpStats.refused.Add(1)
+	s.logf(slog.LevelDebug, "tcp flow refused", "src", src, "dst", dst, "err", err)
+	r.Complete(true)
 }
 
 // splice copies both ways between client and up until both directions end. On EOF from one side it

@@ -1,0 +1,123 @@
+package netstack
+
+import (
+	"context"
+	"errors"
+	"io"
+	"net"
+	"net/netip"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/edgewire/edgewire/discovery"
+)
+
+// admittingDialer is a fakeDialer that is an Admitter: it admits unless admitErr is set, and its
+// DialFlow waits for gate to close first.
+type admittingDialer struct {
+	*fakeDialer
+	admitErr error
+	gate     chan struct{}
+	admitted chan netip.AddrPort
+}
+
+func (d *admittingDialer) AdmitFlow(proto discovery.Protocol, src, dst netip.AddrPort) error {
+	if d.admitErr != nil {
+		return d.admitErr
+	}
+	d.admitted <- dst
+	return nil
+}
+
+func (d *admittingDialer) DialFlow(ctx context.Context, proto discovery.Protocol, src, dst netip.AddrPort) (net.Conn, error) {
+	select {
+	case <-d.gate:
+	case <-ctx.Done():
+		return nil, ctx.Err()
+	}
+	return d.fakeDialer.DialFlow(ctx, proto, src, dst)
+}
+
+func newAdmitting(t *testing.T, fd *fakeDialer, admitErr error) (*harness, *admittingDialer) {
+	d := &admittingDialer{fakeDialer: fd, admitErr: admitErr, gate: make(chan struct{}), admitted: make(chan netip.AddrPort, 8)}
+	return newHarness(t, Config{Dialer: d}, fd), d
+}
+
+func TestTCPHandshakeWhileDialing(t *testing.T) {
+	srv := newTCPServer(t, echoTCP)
+	h, d := newAdmitting(t, &fakeDialer{tcpTarget: srv.Addr()}, nil)
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+
+	// The client's connect completes while DialFlow is still held at the gate.
+	c, err := h.client.DialContextTCPAddrPort(ctx, netip.AddrPortFrom(serviceV4, 80))
+	if err != nil {
+		t.Fatalf("dial while the upstream dial is pending: %v", err)
+	}
+	defer c.Close()
+	if dst := <-d.admitted; dst != netip.AddrPortFrom(serviceV4, 80) {
+		t.Fatalf("AdmitFlow saw %v", dst)
+	}
+	// What the client sends meanwhile waits in the stack and reaches the upstream once it is dialled.
+	if _, err := c.Write([]byte("early bytes")); err != nil {
+		t.Fatalf("write before the upstream exists: %v", err)
+	}
+	if st := h.stack.Stats().TCP; st.Opened != 0 {
+		t.Fatalf("TCP stats %+v before the dial completed, want nothing opened", st)
+	}
+	close(d.gate)
+	c.SetDeadline(time.Now().Add(5 * time.Second))
+	buf := make([]byte, len("early bytes"))
+	if _, err := io.ReadFull(c, buf); err != nil || string(buf) != "early bytes" {
+		t.Fatalf("echo: %q, %v", buf, err)
+	}
+	waitFor(t, "the flow to be counted", 5*time.Second, func() bool { return h.stack.Stats().TCP.Opened == 1 })
+}
+
+func TestTCPAdmitRefuses(t *testing.T) {
+	h, d := newAdmitting(t, &fakeDialer{}, errors.New("no endpoints"))
+	close(d.gate)
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	start := time.Now()
+	c, err := h.client.DialContextTCPAddrPort(ctx, netip.AddrPortFrom(serviceV4, 80))
+	if err == nil {
+		c.Close()
+		t.Fatal("dial succeeded, want connection refused")
+	}
+	if !strings.Contains(err.Error(), "refused") {
+		t.Fatalf("dial error = %v, want connection refused", err)
+	}
+	if took := time.Since(start); took > 2*time.Second {
+		t.Errorf("refusal took %v, want it at once", took)
+	}
+	if calls := d.Calls(); len(calls) != 0 {
+		t.Errorf("DialFlow called %d times for a flow AdmitFlow refused", len(calls))
+	}
+	if st := h.stack.Stats().TCP; st.Refused != 1 || st.Opened != 0 {
+		t.Errorf("TCP stats = %+v, want 1 refused", st)
+	}
+}
+
+func TestTCPDialFailsAfterHandshake(t *testing.T) {
+	h, d := newAdmitting(t, &fakeDialer{err: errors.New("every endpoint refused")}, nil)
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	c, err := h.client.DialContextTCPAddrPort(ctx, netip.AddrPortFrom(serviceV4, 80))
+	if err != nil {
+		t.Fatalf("dial: %v (the handshake completes while DialFlow dials)", err)
+	}
+	defer c.Close()
+	close(d.gate)
+	// DialFlow fails: the established connection is reset.
+	c.SetDeadline(time.Now().Add(5 * time.Second))
+	n, err := c.Read(make([]byte, 1))
+	if err == nil || errors.Is(err, io.EOF) || strings.Contains(err.Error(), "timeout") {
+		t.Fatalf("read after the upstream dial failed: %d, %v; want a connection reset", n, err)
+	}
+	waitFor(t, "the refusal to be counted", 5*time.Second, func() bool { return h.stack.Stats().TCP.Refused == 1 })
+	if st := h.stack.Stats().TCP; st.Opened != 0 {
+		t.Errorf("TCP stats = %+v, want nothing opened", st)
+	}
+}
