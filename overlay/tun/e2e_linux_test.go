@@ -63,16 +63,17 @@ func TestEndToEnd(t *testing.T) {
 	dnsIP := netip.MustParseAddr("169.254.96.16")
 	inNetns(t, func(nl *netlink.Handle) {
 		dev, err := Open(Config{
-			Name:   uniqueName(),
-			Addrs:  []netip.Prefix{netip.MustParsePrefix("100.64.0.1/32")},
-			Routes: []netip.Prefix{netip.MustParsePrefix("9.251.0.0/16"), netip.PrefixFrom(dnsIP, 32)},
+			Name:  uniqueName(),
+			Addrs: []netip.Prefix{netip.MustParsePrefix("100.64.0.1/32"), netip.MustParsePrefix("fd00:64::1/128")},
+			Routes: []netip.Prefix{netip.MustParsePrefix("9.251.0.0/16"), netip.PrefixFrom(dnsIP, 32),
+				netip.MustParsePrefix("fd00:9251::/64")},
 		})
 		if err != nil {
 			t.Fatalf("Open: %v", err)
 		}
 		stk, err := netstack.New(netstack.Config{
 			Dialer:     loopDialer{target: ln.Addr().String()},
-			Prefixes:   []netip.Prefix{netip.MustParsePrefix("9.251.0.0/16")},
+			Prefixes:   []netip.Prefix{netip.MustParsePrefix("9.251.0.0/16"), netip.MustParsePrefix("fd00:9251::/64")},
 			LocalAddrs: []netip.Addr{dnsIP},
 		})
 		if err != nil {
@@ -82,6 +83,7 @@ func TestEndToEnd(t *testing.T) {
 		sp := NewSplitter(nil, dev.TUN())
 		sp.Route(netip.MustParsePrefix("9.251.0.0/16"), stk)
 		sp.Route(netip.PrefixFrom(dnsIP, 32), stk)
+		sp.Route(netip.MustParsePrefix("fd00:9251::/64"), stk)
 		if err := stk.Start(); err != nil {
 			t.Fatalf("stack Start: %v", err)
 		}
@@ -98,13 +100,11 @@ func TestEndToEnd(t *testing.T) {
 		}()
 
 		// No t.Run here: a subtest runs on another goroutine, outside this thread's namespace.
-		func() { // TCP to a service IP
-
-			c, err := net.DialTimeout("tcp", "9.251.0.10:80", 5*time.Second)
+		for _, svc := range []string{"9.251.0.10:80", "[fd00:9251::10]:80"} { // TCP to a service IP
+			c, err := net.DialTimeout("tcp", svc, 5*time.Second)
 			if err != nil {
-				t.Fatalf("dial service IP: %v", err)
+				t.Fatalf("dial service %s: %v", svc, err)
 			}
-			defer c.Close()
 			c.SetDeadline(time.Now().Add(30 * time.Second))
 			data := make([]byte, 4<<20)
 			rand.Read(data)
@@ -117,16 +117,17 @@ func TestEndToEnd(t *testing.T) {
 				werr <- err
 			}()
 			got, err := io.ReadAll(c)
+			c.Close()
 			if err != nil {
-				t.Fatalf("read: %v", err)
+				t.Fatalf("%s: read: %v", svc, err)
 			}
 			if err := <-werr; err != nil {
-				t.Fatalf("write: %v", err)
+				t.Fatalf("%s: write: %v", svc, err)
 			}
 			if !bytes.Equal(got, data) {
-				t.Fatalf("echoed %d bytes, want the %d sent", len(got), len(data))
+				t.Fatalf("%s: echoed %d bytes, want the %d sent", svc, len(got), len(data))
 			}
-		}()
+		}
 
 		func() { // UDP to the DNS IP
 
@@ -166,8 +167,8 @@ func TestEndToEnd(t *testing.T) {
 		}()
 
 		st := sp.Stats()
-		if st.Routes[0].Packets == 0 || st.Routes[1].Packets == 0 || st.ToKernel == 0 {
-			t.Errorf("splitter stats = %+v, want packets both ways on both routes", st)
+		if st.Routes[0].Packets == 0 || st.Routes[1].Packets == 0 || st.Routes[2].Packets == 0 || st.ToKernel == 0 {
+			t.Errorf("splitter stats = %+v, want packets both ways on every route", st)
 		}
 		// The kernel TUN has IFF_VNET_HDR (wireguard-go asks for it; every kernel since 2.6.27 has it),
 		// so the 4 MiB each way travel as segmentation-offload packets, split by nobody.
