@@ -458,6 +458,15 @@ func (l *natLab) testSameSubnet(t *testing.T) {
 			t.Errorf("ping a1 → a2 probe %d: path %q %s error %q, want lan", p.Seq, p.Path, p.Addr, p.Error)
 		}
 	}
+	// LAN first: the LAN path answered before the first punch request for a peer on the own
+	// subnet fell due (1 s after it appeared; the pings above took 2 s), so neither asked for one.
+	for _, d := range [][2]*natHost{{a1, a2}, {a2, a1}} {
+		for line := range strings.Lines(d[0].agent.Log()) {
+			if strings.Contains(line, `msg="requesting punch"`) && strings.Contains(line, " peer="+d[1].name+" ") {
+				t.Errorf("%s asked for a punch with %s, on its own LAN: %s", d[0].role, d[1].role, strings.TrimSpace(line))
+			}
+		}
+	}
 }
 
 func (l *natLab) testEasyEasy(t *testing.T) {

@@ -52,7 +52,8 @@
 // same keys is fine and replaces the node's previous session. A refused node gets an error frame
 // and its connection is closed: without a welcome it gets no directory, no punches and no relaying.
 // The welcome carries the node's ID, a fresh 32-byte session key for its BIND frames, the relay's
-// UDP port and the keepalive interval T.
+// UDP port and the keepalive interval T. The relay's UDP socket knows the ID and key before the
+// welcome leaves, so the node may BIND the moment the welcome arrives.
 //
 // Directory: after every change (a node registers or disconnects, or a BIND moves its reflexive
 // address), debounced by 50 ms, the relay sends the full list of registered nodes to every node,

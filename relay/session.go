@@ -141,20 +141,6 @@ func (s *Server) register(st network.Stream) (*session, string, error) {
 	if _, err := rand.Read(key); err != nil {
 		return nil, refuseInternal, fmt.Errorf("session key: %w", err)
 	}
-	welcome := &message{
-		Type:        msgWelcome,
-		ID:          id,
-		SessionKey:  base64.StdEncoding.EncodeToString(key),
-		UDPPort:     s.Port(),
-		RelayProof:  base64.StdEncoding.EncodeToString(proof(s.cfg.JoinToken, labelRelay, s.id.String(), nodePeer, nodeNonce)),
-		KeepaliveMs: s.limits.KeepAlive.Milliseconds(),
-	}
-	if err := writeFrame(st, welcome); err != nil {
-		return nil, refuseInternal, err
-	}
-	if err := st.SetDeadline(time.Time{}); err != nil {
-		return nil, refuseInternal, fmt.Errorf("deadline: %w", err)
-	}
 	sess := &session{
 		srv:    s,
 		stream: st,
@@ -166,7 +152,28 @@ func (s *Server) register(st network.Stream) (*session, string, error) {
 		done:   make(chan struct{}),
 		punch:  newBucket(s.limits.PunchRate, s.limits.PunchBurst, s.now()),
 	}
+	// The session is installed before the welcome leaves: the node BINDs its WireGuard socket as
+	// soon as the welcome arrives, and a BIND that found no node would be dropped, leaving the node
+	// unbound (no relaying to or from it, no reflexive address, no punches) until its next BIND a
+	// probe interval later. Frames queued for it meanwhile (directory, punches) follow the welcome:
+	// its writer starts after register returns.
 	s.install(sess)
+	welcome := &message{
+		Type:        msgWelcome,
+		ID:          id,
+		SessionKey:  base64.StdEncoding.EncodeToString(key),
+		UDPPort:     s.Port(),
+		RelayProof:  base64.StdEncoding.EncodeToString(proof(s.cfg.JoinToken, labelRelay, s.id.String(), nodePeer, nodeNonce)),
+		KeepaliveMs: s.limits.KeepAlive.Milliseconds(),
+	}
+	if err := writeFrame(st, welcome); err != nil {
+		s.unregister(sess)
+		return nil, refuseInternal, err
+	}
+	if err := st.SetDeadline(time.Time{}); err != nil {
+		s.unregister(sess)
+		return nil, refuseInternal, fmt.Errorf("deadline: %w", err)
+	}
 	s.metrics.registered.Add(1)
 	s.log.Info("node registered", "node", reg.Name, "id", id, "peer", nodePeer)
 	return sess, "", nil

@@ -2,7 +2,9 @@ package relay
 
 import (
 	"bytes"
+	"fmt"
 	"net"
+	"net/netip"
 	"testing"
 	"time"
 )
@@ -128,4 +130,76 @@ func TestDataRelay(t *testing.T) {
 			}
 		}
 	})
+}
+
+// TestBindRightAfterWelcome: a node BINDs its WireGuard socket the moment its welcome arrives. The
+// relay must know the node by then; a BIND that came first used to be dropped as from an unknown
+// node, leaving the node unbound (nothing relayed to or from it, no reflexive address, no punches)
+// until its next BIND, a probe interval later. One BIND each, no retry: every one is answered.
+func TestBindRightAfterWelcome(t *testing.T) {
+	s := startServer(t, "", 0, nil)
+	const nodes = 8
+	type result struct {
+		conn  *net.UDPConn
+		nonce uint64
+		known bool // the relay knew the node's ID when its welcome arrived
+	}
+	results := make(chan result, nodes)
+	for i := range nodes {
+		n := newNode(t, fmt.Sprintf("n%d", i))
+		conn, err := net.ListenUDP("udp4", &net.UDPAddr{IP: net.IPv4(127, 0, 0, 1)})
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { conn.Close() })
+		c, err := NewClient(ClientConfig{
+			Relays: []string{p2pAddr(s)}, JoinToken: testToken, Key: n.key,
+			Self: Registration{Name: n.name, WireGuardKey: n.wgKey, Overlay: netip.MustParseAddr("fd65:7765:7769::1")},
+			OnSession: func(sess Session, up bool) {
+				if !up {
+					return
+				}
+				s.udpMu.RLock()
+				known := s.byID[sess.ID] != nil
+				s.udpMu.RUnlock()
+				nonce := uint64(7000 + i)
+				if _, err := conn.WriteToUDPAddrPort(AppendBind(nil, sess.ID, nonce, sess.Key), sess.UDPAddr); err != nil {
+					t.Error(err)
+				}
+				results <- result{conn, nonce, known}
+			},
+		})
+		if err != nil {
+			t.Fatal(err)
+		}
+		if err := c.Start(); err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { c.Close() })
+	}
+	buf := make([]byte, 1500)
+	for range nodes {
+		var r result
+		select {
+		case r = <-results:
+		case <-time.After(10 * time.Second):
+			t.Fatal("a node did not register within 10 s")
+		}
+		if !r.known {
+			t.Errorf("node with nonce %d: the relay did not know it when its welcome arrived", r.nonce)
+		}
+		r.conn.SetReadDeadline(time.Now().Add(2 * time.Second))
+		n, _, err := r.conn.ReadFromUDPAddrPort(buf)
+		if err != nil {
+			t.Errorf("node with nonce %d: no BINDACK to its only BIND (dropped %d BINDs from unknown nodes in all): %v",
+				r.nonce, counter(s, dropUnknownNode), err)
+			continue
+		}
+		if nonce, _, err := ParseBindAck(buf[:n]); err != nil || nonce != r.nonce {
+			t.Errorf("node with nonce %d: BINDACK %d, %v", r.nonce, nonce, err)
+		}
+	}
+	if n := counter(s, dropUnknownNode); n > 0 {
+		t.Errorf("%d BINDs dropped as from unknown nodes", n)
+	}
 }

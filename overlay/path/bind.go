@@ -32,8 +32,10 @@
 // address is unwrapped in place: a WireGuard payload is moved to the start of its buffer, its
 // size fixed, and its endpoint (a StdNetEndpoint, fresh per datagram) rewritten to the source
 // node's synthetic endpoint, so wireguard-go sees ordinary WireGuard traffic, with no copy to
-// another buffer and no allocation; a PING or PONG payload goes to the packet handler from the
-// synthetic endpoint, like a direct one.
+// another buffer and no allocation. When the Manager chose another path to that node (direct, or
+// through another relay), the endpoint is that path's instead: wireguard-go roams to the source
+// of every datagram, and must stay on the chosen path. A PING or PONG payload goes to the packet
+// handler from the synthetic endpoint, like a direct one.
 //
 // # Paths
 //
@@ -41,15 +43,20 @@
 // every 2.5 intervals; a PONG marks a candidate alive with its RTT, three missed probes in a row
 // (re-probed after half an interval once one is missed) mark it dead. A valid PING from an
 // address that is no candidate makes it a peer-reflexive candidate, answered and probed at once
-// (ICE's triggered check: how a node behind a hard NAT reaches a public one). The choice is an
+// (ICE's triggered check: how a node behind a hard NAT reaches a public one); a PING from a
+// candidate that has not answered yet triggers a probe too, even while an earlier probe waits for
+// its PONG (the peer may have ignored it, not knowing this node yet). The choice is an
 // alive LAN candidate, else an alive direct one, else a relay (alive first, then one whose BIND
 // was answered); with none of these, an unconfirmed LAN or direct guess. The Manager applies the
 // choice with SetEndpoint when it changes, and re-applies it at every roaming check (2.5
-// intervals) if wireguard-go roamed away. A relayed peer with a reflexive address asks its relay
-// for a punch (at most every 5 intervals); on the relay's signal both sides first open their own
-// NAT mapping with a few datagrams whose TTL only passes their own router (a raw socket with the
-// WireGuard socket's source port), then PING each other's reflexive and LAN addresses every 75ms
-// (see DESIGN.md for why two masquerade NATs defeat a naive simultaneous punch).
+// intervals) if wireguard-go roamed away, and at once for every peer when a relay session goes
+// away. A relayed peer with a reflexive address asks its relay for a punch (the first time a
+// sixteenth of an interval after it appeared, or half an interval when one of its LAN addresses is
+// on one of this node's subnets; then at most every 5 intervals); on the relay's signal both sides
+// first open their own NAT mapping with a few datagrams whose TTL only passes their own router (a
+// raw socket with the WireGuard socket's source port), then PING each other's reflexive and LAN
+// addresses every 75ms (see DESIGN.md for why two masquerade NATs defeat a naive simultaneous
+// punch). An unanswered BIND is repeated after an eighth of an interval, doubling up to one.
 //
 // # Demultiplexing
 //
@@ -133,8 +140,8 @@ type Bind struct {
 	inner    conn.Bind
 	onPacket atomic.Pointer[func(pkt []byte, from netip.AddrPort)] // nil: drop
 	relays   atomic.Pointer[relayTable]                            // nil: no relay sessions
-	// preferred maps a peer's synthetic relay endpoints to its direct path while it has one: see
-	// unwrapRelayed.
+	// preferred maps a peer's synthetic relay endpoints to the path this node chose for it, while
+	// that path answers: see unwrapRelayed.
 	preferred atomic.Pointer[map[netip.AddrPort]netip.AddrPort]
 
 	batchPool sync.Pool // *relayBatch

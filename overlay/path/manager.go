@@ -126,10 +126,14 @@ type ManagerConfig struct {
 	RequestPunch func(ctx context.Context, relay int, peer string) error
 	// ProbeInterval is how often unconfirmed candidates are probed (default 2s). Alive paths are
 	// re-checked every 2.5 intervals (5s), a probe is missed after half an interval without PONG,
-	// relays get a BIND every 10 intervals (20s), and punches are requested at most every 5. A
-	// punch waits an eighth of an interval (250ms) between priming the own NAT mapping and its
-	// first full-TTL PING: longer than the error of the relay's timing, so that neither side's
-	// PINGs reach the other's NAT before the other side has primed.
+	// relays get a BIND every 10 intervals (20s; an unanswered one is repeated after an eighth of
+	// an interval, doubling up to one), and punches are requested at most every 5. The first
+	// request for a new peer goes out a sixteenth of an interval (125ms) after it appeared, or
+	// half an interval (1s) when one of its LAN addresses is on one of this node's subnets, so
+	// that its LAN candidates, probed at once, answer first. A punch waits an eighth of an
+	// interval (250ms) between priming the own NAT mapping and its first full-TTL PING: longer
+	// than the error of the relay's timing, so that neither side's PINGs reach the other's NAT
+	// before the other side has primed.
 	ProbeInterval time.Duration
 	// PunchTTL is the TTL of the datagrams that open the own NAT mapping before a punch (default
 	// 2: one routed hop past the own router; see DESIGN.md).
@@ -153,20 +157,30 @@ const (
 
 // timing holds the intervals derived from ProbeInterval.
 type timing struct {
-	probe, alive, pongTimeout, tick, bind, punchBackoff, punchFor, ping, primeLead time.Duration
+	probe, alive, pongTimeout, tick, bind, bindRetry, punchBackoff, punchFor, ping, primeLead time.Duration
+	// retrigger is how often at most a PING from a candidate that has not answered triggers a
+	// probe of it while another probe waits for its PONG.
+	retrigger time.Duration
+	// punchFirst and punchFirstLAN are how long after a peer appeared its first punch is
+	// requested: without and with a LAN address on one of this node's subnets.
+	punchFirst, punchFirstLAN time.Duration
 }
 
 func newTiming(probe time.Duration) timing {
 	return timing{
-		probe:        probe,
-		alive:        probe * 5 / 2,
-		pongTimeout:  probe / 2,
-		tick:         probe / 4,
-		bind:         probe * 10,
-		punchBackoff: probe * 5,
-		punchFor:     max(probe, 20*punchEvery),
-		ping:         probe / 2,
-		primeLead:    probe / 8,
+		probe:         probe,
+		alive:         probe * 5 / 2,
+		pongTimeout:   probe / 2,
+		tick:          probe / 4,
+		bind:          probe * 10,
+		bindRetry:     probe / 8,
+		punchBackoff:  probe * 5,
+		punchFor:      max(probe, 20*punchEvery),
+		ping:          probe / 2,
+		primeLead:     probe / 8,
+		retrigger:     probe / 40,
+		punchFirst:    probe / 16,
+		punchFirstLAN: probe / 2,
 	}
 }
 
@@ -195,6 +209,7 @@ type Manager struct {
 	setLog logLimiter
 
 	mu        sync.Mutex // guards all following fields
+	onLink    onLinkCache
 	started   bool
 	closed    bool
 	peers     map[[32]byte]*peerState
@@ -369,9 +384,14 @@ func (m *Manager) SetRelays(sessions []RelaySession) {
 	if err := m.bind.setRelays(addrs); err != nil {
 		m.log.Warn("relay sessions", "err", err)
 	}
+	gone := false
+	for r, old := range m.relays {
+		gone = gone || next[r] != old
+	}
 	m.relays = next
 	for _, p := range m.peers {
 		m.rebuildLocked(p)
+		p.reapply = p.reapply || gone
 	}
 	m.mu.Unlock()
 	m.poke()
@@ -432,12 +452,21 @@ func (m *Manager) onPacket(pkt []byte, from netip.AddrPort) {
 	}
 }
 
-// run is the manager goroutine: datagrams, timers, and changes.
+// run is the manager goroutine: datagrams, timers, and changes. step runs every tick, and sooner
+// when it asks to (a BIND to repeat, a punch request that falls due between ticks).
 func (m *Manager) run() {
 	defer m.wg.Done()
 	ticker := time.NewTicker(m.t.tick)
 	defer ticker.Stop()
-	m.step()
+	soon := time.NewTimer(time.Hour)
+	defer soon.Stop()
+	arm := func(next time.Time) {
+		soon.Stop()
+		if !next.IsZero() {
+			soon.Reset(max(time.Until(next), time.Millisecond))
+		}
+	}
+	arm(m.step())
 	for {
 		select {
 		case <-m.ctx.Done():
@@ -445,9 +474,11 @@ func (m *Manager) run() {
 		case rx := <-m.queue:
 			m.handle(&rx)
 		case <-m.wake:
-			m.step()
+			arm(m.step())
 		case <-ticker.C:
-			m.step()
+			arm(m.step())
+		case <-soon.C:
+			arm(m.step())
 		}
 	}
 }

@@ -1,6 +1,7 @@
 package path
 
 import (
+	"cmp"
 	"context"
 	"crypto/rand"
 	"fmt"
@@ -24,6 +25,10 @@ type lab struct {
 	net    *pathtest.Network
 	relays []*pathtest.Relay
 	nodes  []*labNode
+	// probe is the nodes' ProbeInterval; zero: testProbeInterval.
+	probe time.Duration
+	// onPunch, when set, is told of every punch request (from the requesting node's Manager).
+	onPunch func(from *labNode, peer string)
 }
 
 // labNode is one node: a Bind over a pathtest socket, a receive loop standing in for
@@ -38,8 +43,9 @@ type labNode struct {
 	bind     *Bind
 	mgr      *Manager
 	loops    sync.WaitGroup
-	mu       sync.Mutex
+	mu       sync.Mutex // guards all following fields
 	endpoint map[[32]byte]string
+	sets     map[[32]byte]int // SetEndpoint calls by peer
 }
 
 func newLab(tb testing.TB) *lab {
@@ -63,7 +69,8 @@ func (l *lab) addRelay(addr string) *pathtest.Relay {
 // addNode adds a node at addr behind nat (nil: public), started.
 func (l *lab) addNode(name, addr string, nat *pathtest.NAT) *labNode {
 	l.tb.Helper()
-	n := &labNode{name: name, id: uint32(len(l.nodes) + 1), lanAddr: netip.MustParseAddr(addr), endpoint: map[[32]byte]string{}}
+	n := &labNode{name: name, id: uint32(len(l.nodes) + 1), lanAddr: netip.MustParseAddr(addr),
+		endpoint: map[[32]byte]string{}, sets: map[[32]byte]int{}}
 	if _, err := rand.Read(n.priv[:]); err != nil {
 		l.tb.Fatal(err)
 	}
@@ -98,11 +105,17 @@ func (l *lab) addNode(name, addr string, nat *pathtest.NAT) *labNode {
 		SetEndpoint: func(peer [32]byte, ep string, _ Kind) error {
 			n.mu.Lock()
 			n.endpoint[peer] = ep
+			n.sets[peer]++
 			n.mu.Unlock()
 			return nil
 		},
-		RequestPunch:  func(ctx context.Context, r int, peer string) error { return l.punch(r, n, peer) },
-		ProbeInterval: testProbeInterval,
+		RequestPunch: func(ctx context.Context, r int, peer string) error {
+			if l.onPunch != nil {
+				l.onPunch(n, peer)
+			}
+			return l.punch(r, n, peer)
+		},
+		ProbeInterval: cmp.Or(l.probe, testProbeInterval),
 	})
 	n.mgr.prime = nil // no raw sockets on the in-memory network
 	l.tb.Cleanup(func() {
@@ -126,6 +139,13 @@ func (n *labNode) applied(peer *labNode) string {
 	n.mu.Lock()
 	defer n.mu.Unlock()
 	return n.endpoint[peer.pub]
+}
+
+// setCount is how many times n's Manager called SetEndpoint for peer.
+func (n *labNode) setCount(peer *labNode) int {
+	n.mu.Lock()
+	defer n.mu.Unlock()
+	return n.sets[peer.pub]
 }
 
 // path is n's path to peer as Paths reports it.

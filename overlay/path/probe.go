@@ -27,16 +27,17 @@ func (s source) String() string {
 
 // candidate is one path to a peer. Guarded by Manager.mu.
 type candidate struct {
-	addr     netip.AddrPort
-	src      source
-	relay    int // srcRelay only
-	alive    bool
-	rtt      time.Duration
-	lastPong time.Time
-	lastSent time.Time // of the last probe
-	misses   int       // consecutive missed probes
-	probeTx  uint64    // outstanding probe; 0: none
-	learned  time.Time // srcPeerReflexive: when last seen
+	addr      netip.AddrPort
+	src       source
+	relay     int // srcRelay only
+	alive     bool
+	rtt       time.Duration
+	lastPong  time.Time
+	lastSent  time.Time // of the last probe
+	misses    int       // consecutive missed probes
+	probeTx   uint64    // outstanding probe; 0: none
+	triggered time.Time // of the last triggered check
+	learned   time.Time // srcPeerReflexive: when last seen
 }
 
 func (c *candidate) kind() Kind {
@@ -59,6 +60,9 @@ type peerState struct {
 	applied     netip.AddrPort // last endpoint SetEndpoint accepted
 	appliedKind Kind           // and its kind then: a guess that starts answering is applied again
 	checked     time.Time      // last roaming check
+	// reapply: a relay session went away, and wireguard-go may have roamed onto it (a datagram the
+	// peer sent through it before this node chose a path): the choice is applied again, unasked.
+	reapply bool
 
 	lastPunchReq  time.Time
 	punchInFlight bool // a RequestPunch call is running
@@ -179,6 +183,9 @@ func (m *Manager) handleBindAckLocked(pkt []byte, from netip.AddrPort) {
 		if !rs.bound || rs.observed != observed {
 			m.log.Info("relay bound", "relay", rs.sess.Relay, "reflexive", observed)
 		}
+		if !rs.bound {
+			m.poke() // relayed candidates rank higher, punches can be requested
+		}
 		rs.bound, rs.unacked, rs.observed = true, 0, observed
 		m.updateReflexiveLocked()
 		return
@@ -219,8 +226,14 @@ func (m *Manager) handlePingLocked(pkt []byte, from netip.AddrPort, now time.Tim
 		if err := m.bind.SendTo(pong, from); err != nil {
 			m.log.Debug("pong", "peer", p.info.Name, "to", from, "err", err)
 		}
-		if c := m.learnLocked(p, from, now); c != nil && !c.alive && c.probeTx == 0 {
-			m.sendProbeLocked(p, c, now, true, nil) // triggered check
+		// A triggered check (ICE), even over a probe of ours still waiting for its PONG: that one
+		// most often went out before the peer knew this node, which then ignored it (an agent
+		// that starts, or learns of this one, a little later), and waiting for its timeout and the
+		// next probe would keep a LAN peer off its LAN path long enough to be punched. At most one
+		// per retrigger, should PONGs never come back.
+		if c := m.learnLocked(p, from, now); c != nil && !c.alive && (c.probeTx == 0 || now.Sub(c.triggered) >= m.t.retrigger) {
+			c.triggered = now
+			m.sendProbeLocked(p, c, now, true, nil)
 		}
 		return
 	}
@@ -252,7 +265,11 @@ func (m *Manager) handlePingLocked(pkt []byte, from netip.AddrPort, now time.Tim
 	if t.done != nil {
 		t.done <- pongInfo{addr: t.addr, rtt: rtt}
 	}
+	prev, prevKind := p.chosen, p.appliedKind
 	m.chooseLocked(p)
+	if c := p.chosen; c != prev || (c != nil && m.kindOfChoiceLocked(c) != prevKind) {
+		m.poke() // step gives wireguard-go the new path now, not at the next tick
+	}
 }
 
 // learnLocked makes from a peer-reflexive candidate of p unless it is one already (or a relay's
@@ -313,15 +330,22 @@ func (m *Manager) sendProbeLocked(p *peerState, c *candidate, now time.Time, pro
 }
 
 // step runs the timers: expired probes, due probes and BINDs, path choice, punch requests; then
-// applies changed endpoints outside the lock.
-func (m *Manager) step() {
+// applies changed endpoints outside the lock. It returns when it wants to run again before the
+// next tick (a BIND to repeat, a punch request falling due), or zero.
+func (m *Manager) step() (next time.Time) {
 	now := time.Now()
+	soon := func(t time.Time) {
+		if !t.IsZero() && (next.IsZero() || t.Before(next)) {
+			next = t
+		}
+	}
 	type apply struct {
-		key  [32]byte
-		name string
-		addr netip.AddrPort
-		kind Kind
-		want bool // the choice changed (false: roaming check)
+		key   [32]byte
+		name  string
+		addr  netip.AddrPort
+		kind  Kind
+		want  bool // the choice changed (false: roaming check)
+		force bool // a roaming check that applies without asking (reapply)
 	}
 	var applies []apply
 	m.mu.Lock()
@@ -343,11 +367,9 @@ func (m *Manager) step() {
 		}
 	}
 	for _, rs := range m.relays {
-		due := rs.lastSent.Add(m.t.probe)
-		if rs.bound {
-			due = rs.lastSent.Add(m.t.bind)
-		}
+		due := rs.lastSent.Add(m.bindRetryLocked(rs))
 		if now.Before(due) {
+			soon(due)
 			continue
 		}
 		if rs.unacked >= missesToDead && rs.bound {
@@ -365,6 +387,7 @@ func (m *Manager) step() {
 		rs.nonces[0] = nonce
 		rs.lastSent = now
 		rs.unacked++
+		soon(now.Add(m.bindRetryLocked(rs)))
 	}
 	for key, p := range m.peers {
 		for _, c := range p.cands {
@@ -394,20 +417,20 @@ func (m *Manager) step() {
 		if c := p.chosen; c != nil {
 			switch {
 			case c != prev || c.addr != p.applied || m.kindOfChoiceLocked(c) != p.appliedKind:
-				applies = append(applies, apply{key, p.info.Name, c.addr, m.kindOfChoiceLocked(c), true})
-				p.checked = now
-			case now.Sub(p.checked) >= m.t.alive:
-				applies = append(applies, apply{key, p.info.Name, c.addr, m.kindOfChoiceLocked(c), false})
-				p.checked = now
+				applies = append(applies, apply{key, p.info.Name, c.addr, m.kindOfChoiceLocked(c), true, false})
+				p.checked, p.reapply = now, false
+			case p.reapply || now.Sub(p.checked) >= m.t.alive:
+				applies = append(applies, apply{key, p.info.Name, c.addr, m.kindOfChoiceLocked(c), false, p.reapply})
+				p.checked, p.reapply = now, false
 			}
 		}
-		m.maybeRequestPunchLocked(p, now, false)
+		soon(m.maybeRequestPunchLocked(p, now, false))
 	}
 	m.updatePreferredLocked()
 	m.mu.Unlock()
 
 	for _, a := range applies {
-		if !a.want && m.cfg.Endpoint != nil {
+		if !a.want && !a.force && m.cfg.Endpoint != nil {
 			if cur, err := m.cfg.Endpoint(a.key); err == nil && cur == a.addr.String() {
 				continue
 			}
@@ -428,6 +451,25 @@ func (m *Manager) step() {
 			m.log.Info("path", "peer", a.name, "kind", a.kind, "endpoint", a.addr)
 		}
 	}
+	if !next.IsZero() && next.Sub(now) >= m.t.tick {
+		next = time.Time{} // the ticker comes first
+	}
+	return next
+}
+
+// bindRetryLocked is how long after its last BIND a relay gets the next: the keepalive interval
+// while bound; while not, an eighth of a probe interval after the first unanswered BIND, doubling
+// up to a probe interval (a lost BIND or BINDACK leaves the relay useless: nothing is relayed to
+// or from an unbound node, and the relay does not know its reflexive address).
+func (m *Manager) bindRetryLocked(rs *relayState) time.Duration {
+	if rs.bound {
+		return m.t.bind
+	}
+	d := m.t.bindRetry
+	for i := 1; i < rs.unacked && d < m.t.probe; i++ {
+		d *= 2
+	}
+	return min(d, m.t.probe)
 }
 
 // rank orders candidates for the choice: an alive LAN address, then an alive direct one, then an
@@ -474,28 +516,39 @@ func (m *Manager) kindOfChoiceLocked(c *candidate) Kind {
 
 // maybeRequestPunchLocked asks a relay to coordinate a punch with p when p has a reflexive
 // address, no alive LAN or direct path and a relay both sides are on, at most every punchBackoff
-// (force: Ping --until-direct, which still respects a request in flight).
-func (m *Manager) maybeRequestPunchLocked(p *peerState, now time.Time, force bool) {
+// (force: Ping --until-direct, which still respects a request in flight). The first request
+// waits punchFirst after p appeared, or punchFirstLAN when one of p's LAN addresses is on one of
+// this node's subnets: a peer on the same LAN answers its LAN probes, sent at once, before any
+// punch; a peer behind another NAT cannot, and waiting for it only delays the direct path. When
+// only time holds the request back, it returns when it falls due (zero otherwise).
+func (m *Manager) maybeRequestPunchLocked(p *peerState, now time.Time, force bool) time.Time {
 	if m.cfg.RequestPunch == nil || p.punchInFlight || p.punching || !p.info.Reflexive.IsValid() || m.closed || !m.started {
-		return
-	}
-	// Half a probe interval gives the LAN candidates, probed at once, time to answer first. (Punching
-	// peers without an on-link LAN address after probe/16 instead brought the direct path under
-	// 1 s, but made the NAT lab's relay-failure scenarios fail now and then; see docs/paths.md.)
-	if !force && (now.Sub(p.lastPunchReq) < m.t.punchBackoff || now.Sub(p.added) < m.t.probe/2) {
-		return
+		return time.Time{}
 	}
 	r := -1
 	for _, c := range p.cands {
 		if c.alive && c.src != srcRelay {
-			return
+			return time.Time{}
 		}
 		if c.src == srcRelay && r < 0 && m.relays[c.relay] != nil && m.relays[c.relay].bound {
 			r = c.relay
 		}
 	}
 	if r < 0 {
-		return
+		return time.Time{}
+	}
+	if !force {
+		first := m.t.punchFirst
+		if m.onLink.any(now, p.info.LAN) {
+			first = m.t.punchFirstLAN
+		}
+		due := p.added.Add(first)
+		if !p.lastPunchReq.IsZero() {
+			due = later(due, p.lastPunchReq.Add(m.t.punchBackoff))
+		}
+		if now.Before(due) {
+			return due
+		}
 	}
 	p.lastPunchReq, p.punchInFlight = now, true
 	name := p.info.Name
@@ -513,19 +566,33 @@ func (m *Manager) maybeRequestPunchLocked(p *peerState, now time.Time, force boo
 		p.punchInFlight = false
 		m.mu.Unlock()
 	}()
+	return time.Time{}
 }
 
-// updatePreferredLocked tells the Bind, for every peer whose chosen path is LAN or direct, to
-// present datagrams relayed from that peer as coming from the direct path.
+// later returns the later of a and b.
+func later(a, b time.Time) time.Time {
+	if a.After(b) {
+		return a
+	}
+	return b
+}
+
+// updatePreferredLocked tells the Bind, for every peer whose chosen path answers, to present the
+// WireGuard datagrams that peer sends through any other relay as coming from the chosen path.
+// wireguard-go roams to the source of every authenticated datagram; without this it would follow
+// a straggler through the relay back from a direct path, or follow a peer that chose another
+// relay than this node did onto that relay, where a failure of that relay would strand it: this
+// node's own choice does not change, so nothing would move it back before the next roaming check.
+// A choice that has not answered yet leaves wireguard-go free to roam.
 func (m *Manager) updatePreferredLocked() {
 	next := make(map[netip.AddrPort]netip.AddrPort)
 	for _, p := range m.peers {
 		c := p.chosen
-		if c == nil || !c.alive || c.src == srcRelay {
+		if c == nil || !c.alive {
 			continue
 		}
 		for _, rt := range p.info.Relays {
-			if synth, ok := SyntheticEndpoint(rt.Relay, rt.ID); ok {
+			if synth, ok := SyntheticEndpoint(rt.Relay, rt.ID); ok && synth != c.addr {
 				next[synth] = c.addr
 			}
 		}

@@ -180,10 +180,11 @@ func (b *Bind) unwrapRelayed(r int, bufs [][]byte, sizes []int, eps []conn.Endpo
 		std.ClearSrc()
 		std.AddrPort = synth
 		if pref := b.preferred.Load(); pref != nil {
-			// The peer has a direct path: a straggler through the relay (the peer has not switched
-			// yet) must not make wireguard-go roam back to the relay.
-			if direct, ok := (*pref)[synth]; ok {
-				std.AddrPort = direct
+			// This node chose another path to the peer (direct, or another relay): a datagram the
+			// peer sent through this relay must not make wireguard-go roam here (see
+			// Manager.updatePreferredLocked).
+			if chosen, ok := (*pref)[synth]; ok {
+				std.AddrPort = chosen
 			}
 		}
 		b.relayedIn.Add(1)
