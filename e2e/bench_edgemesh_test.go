@@ -95,6 +95,10 @@ func (b *bench) crossGoals(p string) {
 	b.ratioGoals(p+"rr.mesh", ratioGoal{of: p + "rr.edgemesh", factor: 1})
 	b.ratioGoals(p+"rr.mesh.p99", ratioGoal{of: p + "rr.edgemesh.p99", factor: 1, atMost: true})
 	b.ratioGoals(p+"connrate.mesh", ratioGoal{of: p + "connrate.wireguard-go", factor: 0.5})
+	// Issue 4's goal, between the namespaces the wireguard-go reference joins (node2 → node1).
+	for _, kind := range []string{streamsName(1), streamsName(4)} {
+		b.ratioGoals(p+kind+".mesh-hostnet", ratioGoal{of: p + kind + ".wireguard-go", factor: 0.8})
+	}
 }
 
 // ratioGoal is a goal on a measurement's ratio to a reference of the same run: at least factor, or

@@ -48,8 +48,10 @@ const (
 	benchDuration = 10 * time.Second
 	benchIperfIP  = "9.251.0.50"
 	benchEchoIP   = "9.251.0.51"
-	benchIperf    = 5201
-	benchEcho     = 7000
+	// benchIperfHostIP is crossnode's iperf service whose endpoint is node1 itself, not pod1.
+	benchIperfHostIP = "9.251.0.52"
+	benchIperf       = 5201
+	benchEcho        = 7000
 	// benchWGPort is the UDP port of the reference wireguard-go (the agents use 51820).
 	benchWGPort = 51830
 )
@@ -269,7 +271,12 @@ func (b *bench) crossNode(t *testing.T) {
 		nodes = append(nodes, benchNode{name: n.Role, key: key, endpoints: []string{"10.77.2." + lanIP + ":51820"}})
 	}
 	services := filepath.Join(lab.Dir, "services.yaml")
-	WriteFileAtomic(t, services, RenderServices(benchCatalog("10.244.1.10", "node1"))+renderBenchNodes(nodes))
+	// iperf-node1: the iperf3 server on node1 itself (a host-network endpoint), so that the mesh is
+	// also measured between the very namespaces the wireguard-go reference joins.
+	catalog := append(benchCatalog("10.244.1.10", "node1"), ServiceSpec{Name: "iperf-node1", ClusterIP: benchIperfHostIP,
+		Endpoints: []EndpointSpec{{IP: "10.77.2.1", Ready: true, Node: "node1"}},
+		Ports:     []PortSpec{{Name: "iperf", Port: benchIperf, TargetPort: benchIperf}}})
+	WriteFileAtomic(t, services, RenderServices(catalog)+renderBenchNodes(nodes))
 	resolvConf := upstreamResolvConf(t, lab)
 	var extra []string
 	if b.overlayMTU != "" {
@@ -310,6 +317,7 @@ func (b *bench) crossNode(t *testing.T) {
 		for _, tg := range targets {
 			b.tcp(t, p+kind+"."+tg.name, node2, tg.iperf, streams, refs(kind, tg.name)...)
 		}
+		b.tcp(t, p+kind+".mesh-hostnet", node2, benchIperfHostIP, streams, p+kind+".wireguard-go", p+kind+".mesh")
 	}
 	for _, mode := range []string{"rr", "connrate"} {
 		for _, tg := range targets {

@@ -14,9 +14,10 @@ import (
 // linkEndpoint is the gVisor link endpoint of the Stack's only NIC: it moves packets in batches, never
 // one at a time through a channel (Tailscale's wgengine/netstack link endpoint is the model).
 //
-// Inbound, deliver hands a whole batch to gVisor's GRO, which coalesces consecutive segments of a TCP
-// flow into one packet before the stack sees them (the kernel TUN splits its TSO super-packets into
-// MTU-sized segments; GRO puts them back together), and flushes it at the end of the batch.
+// Inbound, deliver hands a batch of several packets to gVisor's GRO, which coalesces consecutive
+// segments of a TCP flow into one packet before the stack sees them, and flushes it at the end of the
+// batch; a batch of one (what the Splitter gives, the kernel's super-packets whole) goes to the stack
+// directly.
 //
 // Outbound, the stack's WritePackets appends to a slice under a mutex, and the reader takes everything
 // queued (up to its batch) in one go.
@@ -76,6 +77,13 @@ func (e *linkEndpoint) deliver(pkts []*stack.PacketBuffer) {
 		for _, pb := range pkts {
 			pb.DecRef()
 		}
+		return
+	}
+	if len(pkts) == 1 {
+		// Nothing to coalesce with (the Splitter hands the kernel's super-packets over one by
+		// one, already coalesced): straight to the stack.
+		d.DeliverNetworkPacket(pkts[0].NetworkProtocolNumber, pkts[0])
+		pkts[0].DecRef()
 		return
 	}
 	e.groMu.Lock()
