@@ -279,6 +279,13 @@ type IperfSummary struct {
 	RemoteCPU float64 `json:"remoteCPU"`
 }
 
+// iperfCPU is the CPU use iperf3 -J reports: the client (host) and the server (remote), percent of
+// one CPU.
+type iperfCPU struct {
+	Host   float64 `json:"host_total"`
+	Remote float64 `json:"remote_total"`
+}
+
 // parseIperf reads the summary out of iperf3 -J output.
 func parseIperf(out []byte) (IperfSummary, error) {
 	var r struct {
@@ -295,10 +302,7 @@ func parseIperf(out []byte) (IperfSummary, error) {
 			SumReceived struct {
 				Bps float64 `json:"bits_per_second"`
 			} `json:"sum_received"`
-			CPU struct {
-				Host   float64 `json:"host_total"`
-				Remote float64 `json:"remote_total"`
-			} `json:"cpu_utilization_percent"`
+			CPU iperfCPU `json:"cpu_utilization_percent"`
 		} `json:"end"`
 	}
 	if err := json.Unmarshal(out, &r); err != nil {

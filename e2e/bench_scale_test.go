@@ -693,10 +693,7 @@ func parseIperfUDP(out string, runErr error) (UDPSummary, error) {
 				LostPercent float64 `json:"lost_percent"`
 				JitterMs    float64 `json:"jitter_ms"`
 			} `json:"sum_received"`
-			CPU struct {
-				Host   float64 `json:"host_total"`
-				Remote float64 `json:"remote_total"`
-			} `json:"cpu_utilization_percent"`
+			CPU iperfCPU `json:"cpu_utilization_percent"`
 		} `json:"end"`
 	}
 	if err := json.NewDecoder(strings.NewReader(out[i:])).Decode(&r); err != nil {

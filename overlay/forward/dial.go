@@ -64,12 +64,8 @@ func (d *Dialer) Dial(ctx context.Context, proto discovery.Protocol, node netip.
 	if port == 0 {
 		port = DefaultPort
 	}
-	timeout := d.Timeout
-	if timeout <= 0 {
-		timeout = DefaultDialTimeout
-	}
 	server := netip.AddrPortFrom(node, port)
-	ctx, cancel := context.WithTimeout(ctx, timeout)
+	ctx, cancel := context.WithTimeout(ctx, d.timeout())
 	defer cancel()
 
 	var conn net.Conn

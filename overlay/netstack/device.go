@@ -31,8 +31,9 @@ const (
 // serve (Stats.DroppedNotServed); a drop is not an error. Write returns len(bufs) and nil, or os.ErrClosed
 // after Close.
 //
-// The packets' checksums are not verified: they come from the local kernel, over the TUN, and the kernel
-// (or wireguard-go's TUN, when it splits a TSO super-packet) has computed them.
+// The packets' checksums are not verified: they come from the local kernel, over the TUN, either
+// computed or left partial for the device to complete (a segmentation-offload super-packet the
+// Splitter hands over whole, up to 64 KiB: the stack's TCP takes segments of any size).
 func (s *Stack) Write(bufs [][]byte, offset int) (int, error) {
 	if s.down.Load() {
 		return 0, os.ErrClosed

@@ -45,41 +45,42 @@ func (s *Stack) handleTCP(r *tcp.ForwarderRequest) {
 	}
 	ctx, cancel := context.WithTimeout(s.ctx, s.cfg.ConnectTimeout)
 	defer cancel()
-	dialed := make(chan dialResult, 1)
-	dial := func() {
+	dial := func() dialResult {
 		up, err := s.cfg.Dialer.DialFlow(ctx, discovery.TCP, src, dst)
-		dialed <- dialResult{up, err}
+		return dialResult{up, err}
 	}
+	var res dialResult
+	var dialed chan dialResult // early: where the dialling goroutine leaves its result
 	if early {
+		dialed = make(chan dialResult, 1)
 		s.wg.Add(1) // the caller holds a reference on s.wg, so Close has not begun waiting
 		go func() {
 			defer s.wg.Done()
-			dial()
+			dialed <- dial()
 		}()
-	} else {
-		dial()
-		res := <-dialed
-		if res.err != nil {
-			s.refuseTCP(r, src, dst, res.err)
-			return
-		}
-		dialed <- res
+	} else if res = dial(); res.err != nil {
+		s.refuseTCP(r, src, dst, res.err)
+		return
 	}
 
 	var wq waiter.Queue
 	ep, terr := r.CreateEndpoint(&wq)
+	if early {
+		if terr != nil {
+			cancel()
+		}
+		res = <-dialed
+	}
 	if terr != nil {
 		s.tcpStats.refused.Add(1)
 		s.logf(slog.LevelDebug, "tcp flow: handshake with client failed", "src", src, "dst", dst, "err", terr.String())
 		r.Complete(true)
-		cancel()
-		if res := <-dialed; res.up != nil {
+		if res.up != nil {
 			res.up.Close()
 		}
 		return
 	}
 	r.Complete(false)
-	res := <-dialed
 	if res.err != nil {
 		s.tcpStats.refused.Add(1)
 		s.logf(slog.LevelDebug, "tcp flow refused: resetting the client's connection", "src", src, "dst", dst, "err", res.err)

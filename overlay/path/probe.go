@@ -538,13 +538,14 @@ func (m *Manager) maybeRequestPunchLocked(p *peerState, now time.Time, force boo
 		return time.Time{}
 	}
 	if !force {
-		first := m.t.punchFirst
-		if m.onLink.any(now, p.info.LAN) {
-			first = m.t.punchFirstLAN
-		}
-		due := p.added.Add(first)
-		if !p.lastPunchReq.IsZero() {
-			due = later(due, p.lastPunchReq.Add(m.t.punchBackoff))
+		due := p.lastPunchReq.Add(m.t.punchBackoff)
+		if p.lastPunchReq.IsZero() {
+			// The first request; the interfaces are looked at for it only.
+			first := m.t.punchFirst
+			if m.onLink.any(now, p.info.LAN) {
+				first = m.t.punchFirstLAN
+			}
+			due = p.added.Add(first)
 		}
 		if now.Before(due) {
 			return due
@@ -567,14 +568,6 @@ func (m *Manager) maybeRequestPunchLocked(p *peerState, now time.Time, force boo
 		m.mu.Unlock()
 	}()
 	return time.Time{}
-}
-
-// later returns the later of a and b.
-func later(a, b time.Time) time.Time {
-	if a.After(b) {
-		return a
-	}
-	return b
 }
 
 // updatePreferredLocked tells the Bind, for every peer whose chosen path answers, to present the

@@ -2,7 +2,6 @@ package path
 
 import (
 	"bytes"
-	"encoding/hex"
 	"fmt"
 	"net/netip"
 	"slices"
@@ -11,8 +10,6 @@ import (
 	"testing"
 
 	"golang.zx2c4.com/wireguard/conn"
-	"golang.zx2c4.com/wireguard/device"
-	"golang.zx2c4.com/wireguard/tun/tuntest"
 
 	"github.com/edgewire/edgewire/overlay/path/pathtest"
 	"github.com/edgewire/edgewire/relay"
@@ -297,67 +294,16 @@ func TestWireGuardThroughRelay(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer rl.Close()
-	type node struct {
-		testNode
-		mgr  *Manager
-		priv [32]byte
-		pub  [32]byte
-		id   uint32
-		key  []byte
-		lan  netip.AddrPort
-	}
-	var nodes [2]*node
-	for i := range nodes {
-		privHex, pubHex := genKeyPair(t)
-		n := &node{id: uint32(i + 1), key: bytes.Repeat([]byte{byte(i + 1)}, 32)}
-		if _, err := hex.Decode(n.priv[:], []byte(privHex)); err != nil {
-			t.Fatal(err)
-		}
-		if _, err := hex.Decode(n.pub[:], []byte(pubHex)); err != nil {
-			t.Fatal(err)
-		}
-		n.tun = tuntest.NewChannelTUN()
-		n.ip = netip.AddrFrom4([4]byte{1, 0, 0, byte(i + 1)})
-		nat := network.AddNAT(netip.AddrFrom4([4]byte{203, 0, 113, byte(i + 1)}), pathtest.Hard)
-		lanIP := netip.AddrFrom4([4]byte{10, 0, byte(i + 1), 1})
-		n.bind = NewBind(Config{Inner: network.NewBind(lanIP, nat)})
-		n.spy = &spyBind{Bind: n.bind}
-		n.dev = device.NewDevice(n.tun.TUN(), n.spy, &device.Logger{Verbosef: device.DiscardLogf, Errorf: t.Logf})
-		t.Cleanup(n.dev.Close)
-		dev := n.dev
-		n.mgr = NewManager(ManagerConfig{
-			Bind: n.bind, PrivateKey: n.priv, PublicKey: n.pub, ProbeInterval: testProbeInterval, Logger: debugLogger(tlogWriter{t}),
-			SetEndpoint: func(peer [32]byte, ep string, _ Kind) error {
-				return dev.IpcSet(fmt.Sprintf("public_key=%x\nupdate_only=true\nendpoint=%s\n", peer, ep))
-			},
-		})
-		n.mgr.prime = nil
-		t.Cleanup(func() { n.mgr.Close() })
-		rl.Register(n.id, n.key)
-		nodes[i] = n
-		n.lan = netip.AddrPortFrom(lanIP, 0)
-	}
-	for i, n := range nodes {
-		peer := nodes[i^1]
-		uapi := uapiCfg("private_key", fmt.Sprintf("%x", n.priv), "listen_port", "0",
-			"replace_peers", "true", "public_key", fmt.Sprintf("%x", peer.pub),
-			"allowed_ip", netip.PrefixFrom(peer.ip, 32).String())
-		if err := n.dev.IpcSet(uapi); err != nil {
-			t.Fatalf("configure %d: %v", i, err)
-		}
-		if err := n.dev.Up(); err != nil {
-			t.Fatalf("up %d: %v", i, err)
-		}
-		n.lan = netip.AddrPortFrom(n.lan.Addr(), n.bind.Port())
-		if err := n.mgr.Start(); err != nil {
-			t.Fatal(err)
-		}
-		n.mgr.SetRelays([]RelaySession{{Relay: 0, UDPAddr: rl.Addr(), ID: n.id, Key: n.key}})
+	rls := []*pathtest.Relay{rl}
+	nodes := newWGRelayPair(t, network, rls, testProbeInterval)
+	for _, n := range nodes {
+		n.setSessions(rls, 0)
 	}
 	for i, n := range nodes {
 		waitUntil(t, fmt.Sprintf("node %d bound", i), func() bool { _, ok := rl.Bound(n.id); return ok })
 	}
 	for i, n := range nodes {
+		// Now with the reflexive address the relay saw: a punch may be tried, and fails (hard NATs).
 		peer := nodes[i^1]
 		refl, _ := rl.Bound(peer.id)
 		n.mgr.SetPeers([]PeerInfo{{Name: fmt.Sprint("node", i^1), Key: peer.pub, LAN: []netip.AddrPort{peer.lan},
@@ -387,11 +333,4 @@ func TestWireGuardThroughRelay(t *testing.T) {
 	if rl.Forwarded.Load() == 0 {
 		t.Error("the relay forwarded nothing")
 	}
-}
-
-type tlogWriter struct{ tb testing.TB }
-
-func (w tlogWriter) Write(p []byte) (int, error) {
-	w.tb.Log(strings.TrimSpace(string(p)))
-	return len(p), nil
 }

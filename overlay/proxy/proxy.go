@@ -206,24 +206,12 @@ func (p *Proxy) Update(snap *discovery.Snapshot) {
 // netstack asks it before it completes a TCP client's handshake (while DialFlow dials), so that those
 // flows are refused at once. A refusal is counted as DialFlow counts it.
 func (p *Proxy) AdmitFlow(proto discovery.Protocol, src, dst netip.AddrPort) error {
-	sp := p.table.Load().lookup(dst, proto)
-	if sp == nil {
-		p.stats.noService.Add(1)
-		return fmt.Errorf("%w at %s/%s", ErrNoService, dst, proto)
-	}
-	if len(sp.targets) == 0 {
-		p.stats.noEndpoints.Add(1)
-		return fmt.Errorf("service %s port %d/%s: %w", sp.svc.Key(), sp.port.Port, proto, ErrNoEndpoints)
-	}
-	return nil
+	_, err := p.admit(proto, dst)
+	return err
 }
 
-// DialFlow is the netstack's flow hook: it is called once per new TCP connection (once AdmitFlow has
-// admitted it, while the netstack completes the client's handshake) and once per new UDP flow from
-// src to the service address dst. It picks an endpoint of the service and returns a connection to
-// it; an error refuses the flow (for TCP, by resetting the client's connection). ctx carries the
-// connect deadline.
-func (p *Proxy) DialFlow(ctx context.Context, proto discovery.Protocol, src, dst netip.AddrPort) (net.Conn, error) {
+// admit looks dst up: its service port, or ErrNoService or ErrNoEndpoints, counted.
+func (p *Proxy) admit(proto discovery.Protocol, dst netip.AddrPort) (*svcPort, error) {
 	sp := p.table.Load().lookup(dst, proto)
 	if sp == nil {
 		p.stats.noService.Add(1)
@@ -232,6 +220,19 @@ func (p *Proxy) DialFlow(ctx context.Context, proto discovery.Protocol, src, dst
 	if len(sp.targets) == 0 {
 		p.stats.noEndpoints.Add(1)
 		return nil, fmt.Errorf("service %s port %d/%s: %w", sp.svc.Key(), sp.port.Port, proto, ErrNoEndpoints)
+	}
+	return sp, nil
+}
+
+// DialFlow is the netstack's flow hook: it is called once per new TCP connection (once AdmitFlow has
+// admitted it, while the netstack completes the client's handshake) and once per new UDP flow from
+// src to the service address dst. It picks an endpoint of the service and returns a connection to
+// it; an error refuses the flow (for TCP, by resetting the client's connection). ctx carries the
+// connect deadline.
+func (p *Proxy) DialFlow(ctx context.Context, proto discovery.Protocol, src, dst netip.AddrPort) (net.Conn, error) {
+	sp, err := p.admit(proto, dst)
+	if err != nil {
+		return nil, err
 	}
 
 	client := src.Addr().Unmap()

@@ -106,10 +106,11 @@ func (w *rawWriter) write(h vnet.Header, parts [][]byte) error {
 		return fmt.Errorf("tun: %d-byte packet: want 1 to %d bytes", w.total, maxOffloadPacket)
 	}
 	w.err = nil
-	if err := w.r.rc.Write(w.do); err != nil {
+	err := w.r.rc.Write(w.do)
+	clear(w.iovs) // no reference to the packet's memory past the call
+	if err != nil {
 		return err
 	}
-	clear(w.iovs)
 	return w.err
 }
 
