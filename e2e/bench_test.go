@@ -264,11 +264,14 @@ func (b *bench) crossNode(t *testing.T) {
 	// Keys first, in the state directories the agents will use (StartAgent's layout), so that the
 	// catalog can name both nodes' keys before either agent starts.
 	var nodes []benchNode
+	var node1Overlay string
 	for _, n := range []*Node{node1, node2} {
-		dir := filepath.Join(lab.Dir, n.Role+"-state")
-		key := strings.TrimSpace(n.MustExec(t, b.meshctl, "keygen", "--state-dir", dir))
+		keys := Keygen(t, n, b.meshctl, filepath.Join(lab.Dir, n.Role+"-state"))
+		if n == node1 {
+			node1Overlay = keys.OverlayAddress
+		}
 		lanIP := strings.TrimPrefix(n.Role, "node")
-		nodes = append(nodes, benchNode{name: n.Role, key: key, endpoints: []string{"10.77.2." + lanIP + ":51820"}})
+		nodes = append(nodes, benchNode{name: n.Role, key: keys.WireGuardPublicKey, endpoints: []string{"10.77.2." + lanIP + ":51820"}})
 	}
 	services := filepath.Join(lab.Dir, "services.yaml")
 	// iperf-node1: the iperf3 server on node1 itself (a host-network endpoint), so that the mesh is
@@ -302,6 +305,10 @@ func (b *bench) crossNode(t *testing.T) {
 		{"wireguard-go", "10.99.0.1", "10.99.0.1"},
 		{"edgemesh", edgemesh, edgemesh},
 		{"mesh", benchIperfIP, benchEchoIP},
+		// The mesh's floor: node2 to node1's overlay address through both agents, wireguard-go and
+		// the Bind only (no service netstack, no forward listener). The service path costs what
+		// "mesh" falls short of it.
+		{"mesh-overlay", node1Overlay, node1Overlay},
 	}
 	refs := func(kind, name string) []string {
 		switch name {
@@ -309,6 +316,8 @@ func (b *bench) crossNode(t *testing.T) {
 			return []string{p + kind + ".veth"}
 		case "mesh":
 			return []string{p + kind + ".wireguard-go", p + kind + ".edgemesh", p + kind + ".veth"}
+		case "mesh-overlay":
+			return []string{p + kind + ".wireguard-go", p + kind + ".edgemesh", p + kind + ".mesh"}
 		}
 		return nil
 	}
