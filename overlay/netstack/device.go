@@ -57,7 +57,7 @@ func (s *Stack) Write(bufs [][]byte, offset int) (int, error) {
 			s.logf(slog.LevelDebug, "dropped packet to an address not served", "dst", dst)
 			continue
 		}
-		pb := stack.NewPacketBuffer(stack.PacketBufferOptions{Payload: buffer.MakeWithData(pkt)})
+		pb := stack.NewPacketBuffer(stack.PacketBufferOptions{Payload: packetPayload(pkt)})
 		pb.NetworkProtocolNumber = proto
 		pb.RXChecksumValidated = true
 		pkts = append(pkts, pb)
@@ -107,6 +107,46 @@ func (s *Stack) Read(bufs [][]byte, sizes []int, offset int) (int, error) {
 			return n, nil
 		}
 	}
+}
+
+// splitPayloadAt is the packet size from which packetPayload keeps the headers in a view of their own.
+const splitPayloadAt = 1024
+
+// packetPayload copies pkt into a gVisor buffer. A large packet's IP and TCP headers get a view of
+// their own (a small chunk, whose spare room takes the first bytes of payload): gVisor's IP layer
+// holds a clone of the network header's view while it handles a packet, then reads the header again,
+// and that copies the whole chunk under the header when it is shared. With the headers apart, the
+// copy is a hundred bytes, not up to 64 KiB of payload.
+func packetPayload(pkt []byte) buffer.Buffer {
+	n := headersLen(pkt)
+	if len(pkt) < splitPayloadAt || n <= 0 || n >= len(pkt) {
+		return buffer.MakeWithData(pkt)
+	}
+	b := buffer.MakeWithData(pkt[:n])
+	b.Append(buffer.NewViewWithData(pkt[n:]))
+	return b
+}
+
+// headersLen returns the length of pkt's IP header and, for TCP, its TCP header; 0 when they do not
+// fit in pkt (parseDst has checked the IP header).
+func headersLen(pkt []byte) int {
+	var n int
+	var proto uint8
+	switch pkt[0] >> 4 {
+	case 4:
+		n, proto = int(pkt[0]&0x0f)*4, pkt[9]
+	case 6:
+		n, proto = header.IPv6MinimumSize, pkt[6]
+	default:
+		return 0
+	}
+	if proto != uint8(header.TCPProtocolNumber) {
+		return n
+	}
+	if len(pkt) < n+header.TCPMinimumSize {
+		return 0
+	}
+	return n + int(pkt[n+12]>>4)*4
 }
 
 func copyPacket(dst []byte, pb *stack.PacketBuffer) (int, bool) {

@@ -58,3 +58,57 @@ func TestOffloadHeader(t *testing.T) {
 		})
 	}
 }
+
+// testPacket returns an IP packet of the given version and protocol, with a TCP header of tcpHdr
+// bytes when proto is TCP, and size bytes in all.
+func testPacket(version int, proto uint8, tcpHdr, size int) []byte {
+	pkt := make([]byte, size)
+	ip := 20
+	if version == 4 {
+		pkt[0], pkt[9] = 0x45, proto
+	} else {
+		pkt[0], pkt[6], ip = 0x60, proto, 40
+	}
+	if proto == 6 && size >= ip+20 {
+		pkt[ip+12] = byte(tcpHdr/4) << 4
+	}
+	for i := ip; i < size; i++ {
+		pkt[i] |= byte(i)
+	}
+	return pkt
+}
+
+func TestPacketPayload(t *testing.T) {
+	for _, tc := range []struct {
+		name    string
+		pkt     []byte
+		headers int // 0: one view; else the first view holds the headers and little more
+	}{
+		{"tcp4 super-packet", testPacket(4, 6, 32, 65000), 52},
+		{"tcp6 super-packet", testPacket(6, 6, 20, 9000), 60},
+		{"udp4, large", testPacket(4, 17, 0, 1400), 20},
+		{"tcp4, 60-byte header", testPacket(4, 6, 60, 1500), 80},
+		{"tcp4, small", testPacket(4, 6, 20, 200), 0},
+		{"tcp4 header cut short", testPacket(4, 6, 20, 30), 0},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			b := packetPayload(tc.pkt)
+			defer b.Release()
+			var sizes []int
+			vl := b.AsViewList()
+			for v := vl.Front(); v != nil; v = v.Next() {
+				sizes = append(sizes, v.Size())
+			}
+			if tc.headers == 0 {
+				if len(sizes) != 1 {
+					t.Errorf("views %v, want one", sizes)
+				}
+			} else if len(sizes) != 2 || sizes[0] < tc.headers || sizes[0] > 128 {
+				t.Errorf("views %v, want two, the first of %d to 128 bytes", sizes, tc.headers)
+			}
+			if got := b.Flatten(); !bytes.Equal(got, tc.pkt) {
+				t.Errorf("payload differs from the packet (%d bytes, want %d)", len(got), len(tc.pkt))
+			}
+		})
+	}
+}
