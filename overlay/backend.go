@@ -72,7 +72,7 @@ func (b *backend) Status() control.Status {
 				Refused: fs.Refused, BadHeader: fs.BadHeader, DialFailures: fs.DialFailures}
 		}
 		ds := m.dialer.Stats()
-		st.Forward.SpareDials, st.Forward.FreshDials = ds.SpareDials, ds.FreshDials
+		st.Forward.SpareDials, st.Forward.FreshDials, st.Forward.EarlyDials = ds.SpareDials, ds.FreshDials, ds.EarlyDials
 		if m.bind != nil {
 			bs := m.bind.Stats()
 			st.DroppedDatagrams = bs.OtherDropped + bs.RelayedInDropped

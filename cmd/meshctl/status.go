@@ -48,8 +48,8 @@ agent answers on the control socket, so "meshctl status --json" doubles as a rea
 			fmt.Fprintf(t, "WireGuard:\t%s, overlay %s, port %d\n", st.PublicKey, st.Overlay, st.ListenPort)
 			fmt.Fprintf(t, "Forwarded to local endpoints:\t%d tcp, %d udp; refused %d, bad header %d, dial failures %d\n",
 				st.Forward.TCPAccepted, st.Forward.UDPAccepted, st.Forward.Refused, st.Forward.BadHeader, st.Forward.DialFailures)
-			fmt.Fprintf(t, "Forwarded to other nodes:\t%d tcp dials on a spare connection, %d connected afresh\n",
-				st.Forward.SpareDials, st.Forward.FreshDials)
+			fmt.Fprintf(t, "Forwarded to other nodes:\t%d tcp dials on a spare connection, %d connected afresh; %d sent early data\n",
+				st.Forward.SpareDials, st.Forward.FreshDials, st.Forward.EarlyDials)
 			if st.DroppedDatagrams > 0 {
 				fmt.Fprintf(t, "Dropped datagrams:\t%d (neither WireGuard nor a path frame)\n", st.DroppedDatagrams)
 			}

@@ -66,6 +66,9 @@ type ForwardStats struct {
 	// connection and that connected afresh.
 	SpareDials uint64 `json:"spareDials"`
 	FreshDials uint64 `json:"freshDials"`
+	// EarlyDials counts those that sent the client's first bytes with the request, before the
+	// other node's answer.
+	EarlyDials uint64 `json:"earlyDials"`
 }
 
 // WireGuard is the node's WireGuard device as `wg show` sees it, with node names.

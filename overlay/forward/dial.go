@@ -4,7 +4,6 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"io"
 	"net"
 	"net/netip"
 	"os"
@@ -72,8 +71,9 @@ func (d *Dialer) Dial(ctx context.Context, proto discovery.Protocol, node netip.
 	var err error
 	switch proto {
 	case discovery.TCP:
+		early := earlyFrom(ctx)
 		if c := d.takeSpare(server); c != nil {
-			conn, err = exchangeTCP(ctx, c, h)
+			conn, err = d.exchangeTCP(ctx, c, h, early)
 			if err == nil || !retryable(err) {
 				d.count(func(st *DialerStats) { st.SpareDials++ })
 				break
@@ -82,7 +82,7 @@ func (d *Dialer) Dial(ctx context.Context, proto discovery.Protocol, node netip.
 			d.count(func(st *DialerStats) { st.DeadSpares++ })
 		}
 		d.count(func(st *DialerStats) { st.FreshDials++ })
-		conn, err = dialTCP(ctx, server, h)
+		conn, err = d.dialTCP(ctx, server, h, early)
 	default:
 		conn, err = dialUDP(ctx, server, h)
 	}
@@ -98,14 +98,14 @@ func (d *Dialer) count(f func(*DialerStats)) {
 	d.mu.Unlock()
 }
 
-// dialTCP connects to server, sends h and reads the status, all within ctx.
-func dialTCP(ctx context.Context, server netip.AddrPort, h Header) (net.Conn, error) {
+// dialTCP connects to server, sends h (and early's bytes) and reads the status, all within ctx.
+func (d *Dialer) dialTCP(ctx context.Context, server netip.AddrPort, h Header, early EarlyData) (net.Conn, error) {
 	var nd net.Dialer
 	c, err := nd.DialContext(ctx, "tcp", server.String())
 	if err != nil {
 		return nil, err
 	}
-	return exchangeTCP(ctx, c.(*net.TCPConn), h)
+	return d.exchangeTCP(ctx, c.(*net.TCPConn), h, early)
 }
 
 // retryable reports whether a Dial over a spare connection failed because of the connection, not
@@ -115,15 +115,23 @@ func retryable(err error) bool {
 		!errors.Is(err, context.Canceled) && !errors.Is(err, context.DeadlineExceeded)
 }
 
-// exchangeTCP sends h on conn and reads the status, within ctx; it closes conn on failure.
-func exchangeTCP(ctx context.Context, conn *net.TCPConn, h Header) (net.Conn, error) {
+// exchangeTCP sends h on conn, and early's bytes behind it when early is not nil, and reads the
+// status, within ctx; it closes conn on failure. On status 0 it consumes the early bytes it sent.
+func (d *Dialer) exchangeTCP(ctx context.Context, conn *net.TCPConn, h Header, early EarlyData) (net.Conn, error) {
 	if dl, ok := ctx.Deadline(); ok {
 		conn.SetDeadline(dl)
 	}
 	// Cancelling ctx interrupts the exchange below by moving the deadline into the past.
 	stop := context.AfterFunc(ctx, func() { conn.SetDeadline(time.Unix(1, 0)) })
 	var buf [HeaderLen6]byte
-	status, err := exchange(conn, MarshalHeader(buf[:0], h))
+	var status Status
+	var sent int
+	var err error
+	if early != nil {
+		status, sent, err = exchangeEarly(ctx, conn, MarshalHeader(buf[:0], h), early)
+	} else {
+		status, err = exchange(conn, MarshalHeader(buf[:0], h))
+	}
 	if !stop() || err != nil {
 		conn.Close()
 		ctxErr := ctx.Err()
@@ -144,6 +152,13 @@ func exchangeTCP(ctx context.Context, conn *net.TCPConn, h Header) (net.Conn, er
 		conn.Close()
 		return nil, fmt.Errorf("clear deadline: %w", err)
 	}
+	if sent > 0 {
+		if err := early.Consume(sent); err != nil {
+			conn.Close()
+			return nil, fmt.Errorf("consume the %d bytes sent early: %w", sent, err)
+		}
+		d.count(func(st *DialerStats) { st.EarlyDials++ })
+	}
 	return conn, nil
 }
 
@@ -152,14 +167,7 @@ func exchange(conn net.Conn, hdr []byte) (Status, error) {
 	if _, err := conn.Write(hdr); err != nil {
 		return 0, fmt.Errorf("send header: %w", err)
 	}
-	var st [1]byte
-	if _, err := io.ReadFull(conn, st[:]); err != nil {
-		if errors.Is(err, io.EOF) {
-			err = io.ErrUnexpectedEOF
-		}
-		return 0, fmt.Errorf("read status: %w", err)
-	}
-	return Status(st[0]), nil
+	return readStatus(conn)
 }
 
 // dialUDP opens the flow's socket connected to server.

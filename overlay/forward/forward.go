@@ -44,9 +44,13 @@
 // server counts it (Stats.Unused) and answers nothing. A spare not used within the server's header
 // timeout gets status 3 like any silent client.
 //
-// After a non-zero status the server closes the connection, and the client may fail over to
-// another endpoint. The client sends no payload before status 0. After it, each side's half-close
-// (FIN) is passed on to the other, and the connection ends when both directions have ended.
+// The client may send payload right behind the header, before the status ("early data", at most
+// MaxEarly bytes from this package's Dialer): the server reads exactly the header, leaves what
+// follows unread until the target is connected, and relays it from there. After a non-zero status
+// the server closes the connection and everything sent behind the header is dropped, so a client
+// that sent early data keeps it until the status and may fail over to another endpoint with it.
+// After status 0, each side's half-close (FIN) is passed on to the other, and the connection ends
+// when both directions have ended.
 //
 // # UDP flow
 //

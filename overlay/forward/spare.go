@@ -17,6 +17,7 @@ type DialerStats struct {
 	SpareDials uint64 // TCP Dials that used a spare connection
 	FreshDials uint64 // TCP Dials that connected afresh (no spare ready, or the spare had died)
 	DeadSpares uint64 // spares found dead at use (the Dial then connected afresh)
+	EarlyDials uint64 // TCP Dials that sent the client's first bytes before the status (EarlyData)
 	Spares     uint64 // spare connections ready now
 }
 

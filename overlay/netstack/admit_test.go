@@ -121,3 +121,105 @@ func TestTCPDialFailsAfterHandshake(t *testing.T) {
 		t.Errorf("TCP stats = %+v, want nothing opened", st)
 	}
 }
+
+// earlyDialer is an Admitter whose DialFlow does what the forward Dialer does with EarlyData: it
+// peeks the client's first bytes, "fails" a first attempt without consuming them, peeks them again,
+// sends them to the upstream itself and consumes them.
+type earlyDialer struct {
+	*fakeDialer
+	take     int
+	peekErrs chan error // what a Peek past the client's FIN returned
+}
+
+func (d *earlyDialer) AdmitFlow(discovery.Protocol, netip.AddrPort, netip.AddrPort) error { return nil }
+
+func (d *earlyDialer) DialFlow(ctx context.Context, proto discovery.Protocol, src, dst netip.AddrPort) (net.Conn, error) {
+	early := EarlyDataFrom(ctx)
+	if early == nil {
+		return nil, errors.New("no early data in the DialFlow context")
+	}
+	peek := func() ([]byte, error) {
+		got := make([]byte, 0, d.take)
+		buf := make([]byte, 3) // small, so that Peek is called at several offsets
+		for len(got) < d.take {
+			n, err := early.Peek(ctx, len(got), buf[:min(len(buf), d.take-len(got))])
+			if err != nil {
+				return got, err
+			}
+			got = append(got, buf[:n]...)
+		}
+		return got, nil
+	}
+	first, err := peek()
+	if err != nil {
+		return nil, err
+	}
+	again, err := peek() // the first attempt failed: nothing was consumed
+	if err != nil || string(again) != string(first) {
+		return nil, errors.New("second peek saw other bytes")
+	}
+	_, err = early.Peek(ctx, d.take, make([]byte, 1))
+	d.peekErrs <- err
+	up, err := d.fakeDialer.DialFlow(ctx, proto, src, dst)
+	if err != nil {
+		return nil, err
+	}
+	if _, err := up.Write(first); err != nil {
+		up.Close()
+		return nil, err
+	}
+	if err := early.Consume(len(first)); err != nil {
+		up.Close()
+		return nil, err
+	}
+	return up, nil
+}
+
+func TestTCPEarlyData(t *testing.T) {
+	for _, tc := range []struct {
+		name    string
+		fin     bool // the client half-closes after "hello world"
+		wantErr error
+	}{
+		{"client keeps sending", false, nil},
+		{"client half-closes", true, io.EOF},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			srv := newTCPServer(t, echoTCP)
+			fd := &fakeDialer{tcpTarget: srv.Addr()}
+			d := &earlyDialer{fakeDialer: fd, take: 11, peekErrs: make(chan error, 1)}
+			h := newHarness(t, Config{Dialer: d}, fd)
+			ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+			defer cancel()
+			c, err := h.client.DialContextTCPAddrPort(ctx, netip.AddrPortFrom(serviceV4, 80))
+			if err != nil {
+				t.Fatalf("dial: %v", err)
+			}
+			defer c.Close()
+			if _, err := c.Write([]byte("hello world")); err != nil {
+				t.Fatalf("write: %v", err)
+			}
+			want := "hello world"
+			if tc.fin {
+				c.CloseWrite()
+			}
+			// A Peek past the client's bytes waits for more (which the client then sends) or,
+			// after the FIN, returns io.EOF.
+			if !tc.fin {
+				if _, err := c.Write([]byte(", more")); err != nil {
+					t.Fatalf("write: %v", err)
+				}
+				want += ", more"
+			}
+			err = <-d.peekErrs
+			if !errors.Is(err, tc.wantErr) {
+				t.Fatalf("Peek past the client's bytes = %v, want %v", err, tc.wantErr)
+			}
+			c.SetDeadline(time.Now().Add(5 * time.Second))
+			got := make([]byte, len(want))
+			if _, err := io.ReadFull(c, got); err != nil || string(got) != want {
+				t.Fatalf("echo %q, %v; want %q: each byte once, in order", got, err, want)
+			}
+		})
+	}
+}

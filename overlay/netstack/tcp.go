@@ -23,7 +23,8 @@ import (
 // With a Dialer that is an Admitter, a flow AdmitFlow refuses gets a RST at once; an admitted one has
 // its handshake completed while DialFlow dials, so the client's connect does not wait for the dial (the
 // data it sends meanwhile waits in the stack's receive buffer); a DialFlow error then resets the
-// established connection. Without an Admitter, DialFlow runs first and the handshake is completed only
+// established connection. DialFlow's context then carries the client's first bytes (EarlyData), which a
+// Dialer may send ahead with its request and consume. Without an Admitter, DialFlow runs first and the handshake is completed only
 // once it succeeded: a refused flow is refused with a RST before the client ever sees it established.
 func (s *Stack) handleTCP(r *tcp.ForwarderRequest) {
 	if !s.enter() {
@@ -45,6 +46,11 @@ func (s *Stack) handleTCP(r *tcp.ForwarderRequest) {
 	}
 	ctx, cancel := context.WithTimeout(s.ctx, s.cfg.ConnectTimeout)
 	defer cancel()
+	var data *earlySource // early: the client's first bytes, for DialFlow
+	if early {
+		data = newEarlySource()
+		ctx = context.WithValue(ctx, earlyKey{}, EarlyData(data))
+	}
 	dial := func() dialResult {
 		up, err := s.cfg.Dialer.DialFlow(ctx, discovery.TCP, src, dst)
 		return dialResult{up, err}
@@ -67,7 +73,10 @@ func (s *Stack) handleTCP(r *tcp.ForwarderRequest) {
 	ep, terr := r.CreateEndpoint(&wq)
 	if early {
 		if terr != nil {
+			data.set(nil, nil)
 			cancel()
+		} else {
+			data.set(ep, &wq)
 		}
 		res = <-dialed
 	}
