@@ -336,6 +336,24 @@ func (o *overlayLAN) testHTTP(t *testing.T) {
 			"node2→overlay→pod3 %v; baseline node1→pod1 directly %v",
 			n, Median(per[podMarker]), Median(per["pod3"]), Median(base))
 	})
+
+	t.Run("requests sent with the forward header", func(t *testing.T) {
+		// curl sends its request as soon as it is connected, while node2's agent waits for the
+		// other agent's status: the request goes early, behind the forward header.
+		var st struct {
+			Forward struct {
+				SpareDials uint64 `json:"spareDials"`
+				FreshDials uint64 `json:"freshDials"`
+				EarlyDials uint64 `json:"earlyDials"`
+			} `json:"forward"`
+		}
+		o.n(2).agent.CtlJSON(t, &st, "status")
+		f := st.Forward
+		if dials := f.SpareDials + f.FreshDials; f.EarlyDials < dials/2 {
+			t.Errorf("meshctl status on node2: %d of %d forward dials sent early data, want most", f.EarlyDials, dials)
+		}
+		t.Logf("node2: %d forward dials (%d on a spare), %d with early data", f.SpareDials+f.FreshDials, f.SpareDials, f.EarlyDials)
+	})
 }
 
 func (o *overlayLAN) testUDP(t *testing.T) {
