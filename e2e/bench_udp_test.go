@@ -110,25 +110,28 @@ func parseIperfUDP(out string, runErr error) (UDPSummary, error) {
 	return s, nil
 }
 
+// iperfUDP runs iperf3 -u from client to host:5201 at bitrate (iperf3's -b; "0": as fast as it
+// can) for d, and reads its summary.
+func iperfUDP(client *Node, host, bitrate string, d time.Duration) (UDPSummary, error) {
+	args := []string{"iperf3", "-c", host, "-p", strconv.Itoa(benchIperf), "-u", "-l", strconv.Itoa(udpDatagram), "-b", bitrate,
+		"-t", strconv.Itoa(int(d.Seconds())), "-J", "--connect-timeout", "5000"}
+	for attempt := 1; ; attempt++ {
+		out, err := client.ExecTimeout(d+30*time.Second, args...)
+		s, err := parseIperfUDP(out, err)
+		// The server takes a moment after one test before it accepts the next.
+		if err == nil || attempt == 3 || !strings.Contains(err.Error(), "busy") {
+			return s, err
+		}
+		time.Sleep(time.Second)
+	}
+}
+
 // udp measures the UDP packet rate from client to host:5201 with iperf3 and records it as name,
 // compared with refs.
 func (b *bench) udp(t *testing.T, name string, client *Node, host string, refs ...string) {
 	t.Run(name, func(t *testing.T) {
-		args := []string{"iperf3", "-c", host, "-p", strconv.Itoa(benchIperf), "-u", "-l", strconv.Itoa(udpDatagram), "-b", "0",
-			"-t", strconv.Itoa(int(benchDuration.Seconds())), "-J", "--connect-timeout", "5000"}
-		var s UDPSummary
-		var err error
 		cpu := b.cpuMeter()
-		for attempt := 1; ; attempt++ {
-			var out string
-			out, err = client.ExecTimeout(benchDuration+30*time.Second, args...)
-			s, err = parseIperfUDP(out, err)
-			// The server takes a moment after one test before it accepts the next.
-			if err == nil || attempt == 3 || !strings.Contains(err.Error(), "busy") {
-				break
-			}
-			time.Sleep(time.Second)
-		}
+		s, err := iperfUDP(client, host, "0", benchDuration)
 		if err != nil {
 			b.report.Fail(name, err)
 			t.Fatalf("iperf3 -u to %s: %v", host, err)
@@ -167,19 +170,7 @@ func (b *bench) udpPaced(t *testing.T, name string, client *Node, host string, r
 	t.Run(name, func(t *testing.T) {
 		var trials []udpTrial
 		trial := func(rate int) (udpTrial, error) {
-			args := []string{"iperf3", "-c", host, "-p", strconv.Itoa(benchIperf), "-u", "-l", strconv.Itoa(udpDatagram),
-				"-b", strconv.Itoa(rate * udpDatagram * 8), "-t", strconv.Itoa(int(udpPacedTrial.Seconds())), "-J", "--connect-timeout", "5000"}
-			var s UDPSummary
-			var err error
-			for attempt := 1; ; attempt++ {
-				var out string
-				out, err = client.ExecTimeout(udpPacedTrial+30*time.Second, args...)
-				s, err = parseIperfUDP(out, err)
-				if err == nil || attempt == 3 || !strings.Contains(err.Error(), "busy") {
-					break
-				}
-				time.Sleep(time.Second)
-			}
+			s, err := iperfUDP(client, host, strconv.Itoa(rate*udpDatagram*8), udpPacedTrial)
 			if err != nil {
 				return udpTrial{}, fmt.Errorf("iperf3 -u -b at %d datagrams/s: %w", rate, err)
 			}
