@@ -22,7 +22,6 @@ import (
 	"github.com/edgewire/edgewire/discovery"
 	"github.com/edgewire/edgewire/overlay/forward"
 	"github.com/edgewire/edgewire/overlay/identity"
-	"github.com/edgewire/edgewire/overlay/netstack"
 	"github.com/edgewire/edgewire/overlay/path"
 	"github.com/edgewire/edgewire/relay"
 )
@@ -342,10 +341,6 @@ func (m *mesh) rebuildLocked() {
 func (m *mesh) DialEndpoint(ctx context.Context, proto discovery.Protocol, ep *discovery.Endpoint, addr netip.AddrPort) (net.Conn, error) {
 	if ep.NodeName != "" && ep.NodeName != m.self {
 		if p, ok := m.dir.Load().byName[ep.NodeName]; ok {
-			if early := netstack.EarlyDataFrom(ctx); early != nil {
-				// The client's first bytes go with the forward header, not a round trip later.
-				ctx = forward.WithEarlyData(ctx, early)
-			}
 			return m.dialer.Dial(ctx, proto, p.overlay, addr)
 		}
 	}

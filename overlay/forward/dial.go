@@ -71,7 +71,7 @@ func (d *Dialer) Dial(ctx context.Context, proto discovery.Protocol, node netip.
 	var err error
 	switch proto {
 	case discovery.TCP:
-		early := earlyFrom(ctx)
+		early := EarlyDataFrom(ctx)
 		if c := d.takeSpare(server); c != nil {
 			conn, err = d.exchangeTCP(ctx, c, h, early)
 			if err == nil || !retryable(err) {

@@ -31,12 +31,14 @@ type EarlyData interface {
 
 type earlyKey struct{}
 
-// WithEarlyData returns a context carrying e, for Dial.
+// WithEarlyData returns a context carrying e, for Dial. The service netstack attaches its flows' early
+// data this way; a proxy between the two passes the context on.
 func WithEarlyData(ctx context.Context, e EarlyData) context.Context {
 	return context.WithValue(ctx, earlyKey{}, e)
 }
 
-func earlyFrom(ctx context.Context) EarlyData {
+// EarlyDataFrom returns the EarlyData ctx carries, or nil.
+func EarlyDataFrom(ctx context.Context) EarlyData {
 	e, _ := ctx.Value(earlyKey{}).(EarlyData)
 	return e
 }

@@ -11,6 +11,7 @@ import (
 	"time"
 
 	"github.com/edgewire/edgewire/discovery"
+	"github.com/edgewire/edgewire/overlay/forward"
 )
 
 // admittingDialer is a fakeDialer that is an Admitter: it admits unless admitErr is set, and its
@@ -47,15 +48,9 @@ func newAdmitting(t *testing.T, fd *fakeDialer, admitErr error) (*harness, *admi
 func TestTCPHandshakeWhileDialing(t *testing.T) {
 	srv := newTCPServer(t, echoTCP)
 	h, d := newAdmitting(t, &fakeDialer{tcpTarget: srv.Addr()}, nil)
-	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
-	defer cancel()
 
 	// The client's connect completes while DialFlow is still held at the gate.
-	c, err := h.client.DialContextTCPAddrPort(ctx, netip.AddrPortFrom(serviceV4, 80))
-	if err != nil {
-		t.Fatalf("dial while the upstream dial is pending: %v", err)
-	}
-	defer c.Close()
+	c := h.connect(t, netip.AddrPortFrom(serviceV4, 80))
 	if dst := <-d.admitted; dst != netip.AddrPortFrom(serviceV4, 80) {
 		t.Fatalf("AdmitFlow saw %v", dst)
 	}
@@ -102,13 +97,8 @@ func TestTCPAdmitRefuses(t *testing.T) {
 
 func TestTCPDialFailsAfterHandshake(t *testing.T) {
 	h, d := newAdmitting(t, &fakeDialer{err: errors.New("every endpoint refused")}, nil)
-	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
-	defer cancel()
-	c, err := h.client.DialContextTCPAddrPort(ctx, netip.AddrPortFrom(serviceV4, 80))
-	if err != nil {
-		t.Fatalf("dial: %v (the handshake completes while DialFlow dials)", err)
-	}
-	defer c.Close()
+	// The handshake completes while DialFlow dials.
+	c := h.connect(t, netip.AddrPortFrom(serviceV4, 80))
 	close(d.gate)
 	// DialFlow fails: the established connection is reset.
 	c.SetDeadline(time.Now().Add(5 * time.Second))
@@ -134,7 +124,7 @@ type earlyDialer struct {
 func (d *earlyDialer) AdmitFlow(discovery.Protocol, netip.AddrPort, netip.AddrPort) error { return nil }
 
 func (d *earlyDialer) DialFlow(ctx context.Context, proto discovery.Protocol, src, dst netip.AddrPort) (net.Conn, error) {
-	early := EarlyDataFrom(ctx)
+	early := forward.EarlyDataFrom(ctx)
 	if early == nil {
 		return nil, errors.New("no early data in the DialFlow context")
 	}
@@ -189,30 +179,22 @@ func TestTCPEarlyData(t *testing.T) {
 			fd := &fakeDialer{tcpTarget: srv.Addr()}
 			d := &earlyDialer{fakeDialer: fd, take: 11, peekErrs: make(chan error, 1)}
 			h := newHarness(t, Config{Dialer: d}, fd)
-			ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
-			defer cancel()
-			c, err := h.client.DialContextTCPAddrPort(ctx, netip.AddrPortFrom(serviceV4, 80))
-			if err != nil {
-				t.Fatalf("dial: %v", err)
-			}
-			defer c.Close()
+			c := h.connect(t, netip.AddrPortFrom(serviceV4, 80))
 			if _, err := c.Write([]byte("hello world")); err != nil {
 				t.Fatalf("write: %v", err)
 			}
+			// A Peek past the client's bytes waits for more (which the client then sends) or,
+			// after the FIN, returns io.EOF.
 			want := "hello world"
 			if tc.fin {
 				c.CloseWrite()
-			}
-			// A Peek past the client's bytes waits for more (which the client then sends) or,
-			// after the FIN, returns io.EOF.
-			if !tc.fin {
+			} else {
 				if _, err := c.Write([]byte(", more")); err != nil {
 					t.Fatalf("write: %v", err)
 				}
 				want += ", more"
 			}
-			err = <-d.peekErrs
-			if !errors.Is(err, tc.wantErr) {
+			if err := <-d.peekErrs; !errors.Is(err, tc.wantErr) {
 				t.Fatalf("Peek past the client's bytes = %v, want %v", err, tc.wantErr)
 			}
 			c.SetDeadline(time.Now().Add(5 * time.Second))

@@ -118,8 +118,11 @@ const splitPayloadAt = 1024
 // and that copies the whole chunk under the header when it is shared. With the headers apart, the
 // copy is a hundred bytes, not up to 64 KiB of payload.
 func packetPayload(pkt []byte) buffer.Buffer {
+	if len(pkt) < splitPayloadAt {
+		return buffer.MakeWithData(pkt)
+	}
 	n := headersLen(pkt)
-	if len(pkt) < splitPayloadAt || n <= 0 || n >= len(pkt) {
+	if n <= 0 || n >= len(pkt) {
 		return buffer.MakeWithData(pkt)
 	}
 	b := buffer.MakeWithData(pkt[:n])

@@ -8,31 +8,9 @@ import (
 
 	"gvisor.dev/gvisor/pkg/tcpip"
 	"gvisor.dev/gvisor/pkg/waiter"
+
+	"github.com/edgewire/edgewire/overlay/forward"
 )
-
-// EarlyData is what the context of an admitted TCP flow's DialFlow carries (EarlyDataFrom): the
-// client's first bytes, which the Stack holds in the flow's receive buffer while DialFlow runs. A
-// Dialer whose far side must answer before the flow is spliced (the forward protocol's status) may
-// send them ahead with its request, then Consume exactly what it sent when it returns a connection
-// (the splice goes on from the next byte), or consume nothing when the attempt fails: the next
-// attempt can Peek them again. Its methods are safe for one caller at a time.
-type EarlyData interface {
-	// Peek waits until the client has sent more than off bytes, then copies the bytes from offset
-	// off on into p (as many as fit) without consuming them. It returns io.EOF when the client will
-	// send no more, and ctx's error when ctx ends first.
-	Peek(ctx context.Context, off int, p []byte) (int, error)
-	// Consume drops the first n bytes, which Peek returned.
-	Consume(n int) error
-}
-
-type earlyKey struct{}
-
-// EarlyDataFrom returns the EarlyData of a DialFlow context, or nil (a UDP flow, a Dialer that is not
-// an Admitter).
-func EarlyDataFrom(ctx context.Context) EarlyData {
-	e, _ := ctx.Value(earlyKey{}).(EarlyData)
-	return e
-}
 
 var (
 	// errNoClient is Peek's error when the client's handshake failed: there is no data to come.
@@ -41,13 +19,17 @@ var (
 	errClientGone = errors.New("netstack: client connection reset")
 )
 
-// earlySource is the EarlyData of one flow. The flow's endpoint is created (the handshake completed)
-// while DialFlow runs, so Peek first waits for it.
+// earlySource is the forward.EarlyData of one admitted TCP flow: the client's first bytes, which the
+// Stack holds in the flow's receive buffer while DialFlow runs. The flow's endpoint is created (the
+// handshake completed) while DialFlow runs, so Peek first waits for it. Its methods are for one
+// caller at a time.
 type earlySource struct {
 	ready chan struct{} // closed by set
 	ep    tcpip.Endpoint
 	wq    *waiter.Queue
 }
+
+var _ forward.EarlyData = (*earlySource)(nil)
 
 func newEarlySource() *earlySource { return &earlySource{ready: make(chan struct{})} }
 

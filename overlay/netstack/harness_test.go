@@ -13,6 +13,7 @@ import (
 
 	"golang.zx2c4.com/wireguard/tun"
 	wgnetstack "golang.zx2c4.com/wireguard/tun/netstack"
+	"gvisor.dev/gvisor/pkg/tcpip/adapters/gonet"
 
 	"github.com/edgewire/edgewire/discovery"
 )
@@ -31,6 +32,20 @@ type harness struct {
 	stack  *Stack
 	client *wgnetstack.Net
 	dialer *fakeDialer
+}
+
+// connect opens a TCP connection from the client to dst within 5 s, failing t otherwise; it is closed
+// when the test ends.
+func (h *harness) connect(t *testing.T, dst netip.AddrPort) *gonet.TCPConn {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	c, err := h.client.DialContextTCPAddrPort(ctx, dst)
+	if err != nil {
+		t.Fatalf("dial %v: %v", dst, err)
+	}
+	t.Cleanup(func() { c.Close() })
+	return c
 }
 
 func newHarness(tb testing.TB, cfg Config, dialer *fakeDialer) *harness {

@@ -15,6 +15,7 @@ import (
 	"gvisor.dev/gvisor/pkg/waiter"
 
 	"github.com/edgewire/edgewire/discovery"
+	"github.com/edgewire/edgewire/overlay/forward"
 )
 
 // handleTCP is the TCP forwarder's handler. gVisor's forwarder already runs it in a goroutine of its own
@@ -23,9 +24,10 @@ import (
 // With a Dialer that is an Admitter, a flow AdmitFlow refuses gets a RST at once; an admitted one has
 // its handshake completed while DialFlow dials, so the client's connect does not wait for the dial (the
 // data it sends meanwhile waits in the stack's receive buffer); a DialFlow error then resets the
-// established connection. DialFlow's context then carries the client's first bytes (EarlyData), which a
-// Dialer may send ahead with its request and consume. Without an Admitter, DialFlow runs first and the handshake is completed only
-// once it succeeded: a refused flow is refused with a RST before the client ever sees it established.
+// established connection. DialFlow's context then carries those first bytes (forward.WithEarlyData),
+// which the forward Dialer sends ahead with its request. Without an Admitter, DialFlow runs first and
+// the handshake is completed only once it succeeded: a refused flow is refused with a RST before the
+// client ever sees it established.
 func (s *Stack) handleTCP(r *tcp.ForwarderRequest) {
 	if !s.enter() {
 		r.Complete(true)
@@ -49,7 +51,7 @@ func (s *Stack) handleTCP(r *tcp.ForwarderRequest) {
 	var data *earlySource // early: the client's first bytes, for DialFlow
 	if early {
 		data = newEarlySource()
-		ctx = context.WithValue(ctx, earlyKey{}, EarlyData(data))
+		ctx = forward.WithEarlyData(ctx, data)
 	}
 	dial := func() dialResult {
 		up, err := s.cfg.Dialer.DialFlow(ctx, discovery.TCP, src, dst)
