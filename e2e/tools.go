@@ -28,6 +28,8 @@ var RequiredTools = []Tool{
 	{"tcpdump", "tcpdump"},
 	{"iptables", "iptables"},
 	{"sysctl", "procps"},
+	{"iperf3", "iperf3"},
+	{"prlimit", "util-linux"},
 }
 
 // CheckPrerequisites returns an error saying what to do when the tests cannot run here: not root,
@@ -55,18 +57,25 @@ func CheckPrerequisites() error {
 type Binaries struct {
 	Meshctl    string
 	Testserver string
+	// Benchtool is e2e/benchtool: the load generators and the probing client of the load tests.
+	Benchtool string
 	// MeshctlErr is why meshctl could not be built; tests that need the agent fail with it.
 	MeshctlErr error
 }
 
-// BuildBinaries builds meshctl and testserver into dir. A testserver build failure is returned;
-// a meshctl failure is recorded in MeshctlErr so that harness tests can still run.
+// BuildBinaries builds meshctl, testserver and benchtool into dir. A testserver or benchtool build
+// failure is returned; a meshctl failure is recorded in MeshctlErr so that harness tests can still
+// run.
 func BuildBinaries(dir string) (Binaries, error) {
 	b := Binaries{
 		Meshctl:    filepath.Join(dir, "meshctl"),
 		Testserver: filepath.Join(dir, "testserver"),
+		Benchtool:  filepath.Join(dir, "benchtool"),
 	}
 	if err := goBuild(b.Testserver, "github.com/edgewire/edgewire/e2e/testserver"); err != nil {
+		return b, err
+	}
+	if err := goBuild(b.Benchtool, "github.com/edgewire/edgewire/e2e/benchtool"); err != nil {
 		return b, err
 	}
 	b.MeshctlErr = goBuild(b.Meshctl, "github.com/edgewire/edgewire/cmd/meshctl")

@@ -88,6 +88,9 @@ type Config struct {
 
 	// HealthAddr is the address of the HTTP health endpoint (/healthz, /readyz); "" = none.
 	HealthAddr string
+	// Pprof serves the Go profiler under /debug/pprof/ on HealthAddr (off by default: profiles
+	// show what the agent is doing to anyone who can reach the address).
+	Pprof bool
 }
 
 func (c *Config) setDefaults() error {
@@ -236,13 +239,13 @@ func (a *Agent) Run(ctx context.Context) (err error) {
 	}()
 
 	if cfg.HealthAddr != "" {
-		h, err := startHealth(cfg.HealthAddr)
+		h, err := startHealth(cfg.HealthAddr, cfg.Pprof)
 		if err != nil {
 			return err
 		}
 		cleanups = append(cleanups, h.close)
 		a.health = h
-		h.set("waiting for the first catalog")
+		h.set("waiting for the first catalog", nil)
 	}
 
 	// The catalog first: an agent with a broken catalog file should fail before touching the host.
@@ -359,7 +362,8 @@ func (a *Agent) Run(ctx context.Context) (err error) {
 	cleanups = append(cleanups, ctl.Close)
 
 	if a.health != nil {
-		a.health.set("")
+		dnsAddr := dnsAP.String()
+		a.health.set("", func(ctx context.Context) error { return dns.Probe(ctx, dnsAddr, cfg.ClusterDomain) })
 	}
 	a.logger.Info("agent up",
 		"node", cfg.NodeName, "tun", dev.Name(), "service_cidr", cfg.ServiceCIDR,

@@ -4,7 +4,10 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"math"
 	"net/netip"
+	"runtime"
+	"runtime/debug"
 	"strconv"
 	"strings"
 	"time"
@@ -14,6 +17,7 @@ import (
 	"github.com/edgewire/edgewire/discovery"
 	"github.com/edgewire/edgewire/overlay/control"
 	"github.com/edgewire/edgewire/overlay/proxy"
+	"github.com/edgewire/edgewire/overlay/sysres"
 )
 
 // backend is the Agent seen by the control socket.
@@ -81,6 +85,7 @@ func (b *backend) Status() control.Status {
 			st.Reflexive = r.String()
 		}
 	}
+	st.Process = processStats()
 	ds := a.dns.Stats()
 	st.DNS = control.DNSStats{
 		Queries:   ds.Queries,
@@ -239,4 +244,20 @@ func (b *backend) Ping(ctx context.Context, node string, count int, untilDirect 
 		return errors.New("wireguard is not up yet")
 	}
 	return m.ping(ctx, node, count, untilDirect, each)
+}
+
+// processStats reads the agent process's resources and limits.
+func processStats() control.ProcessStats {
+	u := sysres.ReadUsage()
+	var ms runtime.MemStats
+	runtime.ReadMemStats(&ms)
+	ps := control.ProcessStats{
+		RSSBytes: u.RSSBytes, PeakRSSBytes: u.PeakRSS, HeapBytes: ms.HeapInuse,
+		Goroutines: u.Goroutines, GOMAXPROCS: runtime.GOMAXPROCS(0),
+		OpenFiles: u.OpenFiles, FileLimit: sysres.NoFile(),
+	}
+	if l := debug.SetMemoryLimit(-1); l != math.MaxInt64 {
+		ps.GoMemLimit = l
+	}
+	return ps
 }

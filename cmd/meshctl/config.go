@@ -46,6 +46,7 @@ type upOptions struct {
 	RelaySecret     string        `yaml:"relaySecret"`
 	KubeSyncTimeout time.Duration `yaml:"kubeSyncTimeout"`
 	HealthAddr      string        `yaml:"healthAddr"`
+	Pprof           bool          `yaml:"pprof"`
 }
 
 // flagNames maps each config file field to its flag: the flag wins when it is set.
@@ -58,7 +59,7 @@ var flagNames = map[string]string{
 	"relays": "relay", "joinToken": "join-token", "joinTokenFile": "join-token-file", "udpIdleTimeout": "udp-idle-timeout",
 	"connectTimeout": "connect-timeout", "logLevel": "log-level", "logFormat": "log-format",
 	"kubernetes": "kubernetes", "kubeconfig": "kubeconfig", "relaySecret": "relay-secret",
-	"kubeSyncTimeout": "kube-sync-timeout", "healthAddr": "health-addr",
+	"kubeSyncTimeout": "kube-sync-timeout", "healthAddr": "health-addr", "pprof": "pprof",
 }
 
 func (o *upOptions) addFlags(fs *pflag.FlagSet) {
@@ -88,6 +89,7 @@ func (o *upOptions) addFlags(fs *pflag.FlagSet) {
 	fs.StringVar(&o.RelaySecret, "relay-secret", "edgewire/edgewire-relay", "with --kubernetes: NAMESPACE/NAME of the Secret mesh-relay publishes its addresses in (\"\" = none)")
 	fs.DurationVar(&o.KubeSyncTimeout, "kube-sync-timeout", 10*time.Second, "with --kubernetes: how long to wait for the API before serving the cached catalog")
 	fs.StringVar(&o.HealthAddr, "health-addr", "", "HOST:PORT of the HTTP health endpoint (/healthz, /readyz); empty = none")
+	fs.BoolVar(&o.Pprof, "pprof", false, "serve the Go profiler under /debug/pprof/ on --health-addr (for debugging; off by default)")
 	fs.StringVar(&o.LogLevel, "log-level", "info", "log level: debug, info, warn, error")
 	fs.StringVar(&o.LogFormat, "log-format", "text", "log format: text or json")
 }
@@ -169,6 +171,8 @@ func (o *upOptions) loadConfigFile(path string, fs *pflag.FlagSet) error {
 			o.KubeSyncTimeout = fromFile.KubeSyncTimeout
 		case "healthAddr":
 			o.HealthAddr = fromFile.HealthAddr
+		case "pprof":
+			o.Pprof = fromFile.Pprof
 		}
 	}
 	return nil
@@ -257,6 +261,9 @@ func (o *upOptions) parse() (parsed, error) {
 		if p.healthAddr, err = parseHealthAddr(o.HealthAddr); err != nil {
 			return p, err
 		}
+	}
+	if o.Pprof && o.HealthAddr == "" {
+		return p, errors.New("--pprof serves the profiler on the health endpoint: set --health-addr too")
 	}
 	if len(o.Relays) > 0 && p.joinToken == "" {
 		return p, errors.New("--relay needs a join token: set --join-token-file (or --join-token)")

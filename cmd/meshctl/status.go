@@ -69,6 +69,14 @@ agent answers on the control socket, so "meshctl status --json" doubles as a rea
 			}
 			fmt.Fprintf(t, "DNS queries:\t%d (%d cluster, %d nxdomain, %d forwarded, %d cache hits, %d formerr, %d servfail)\n",
 				st.DNS.Queries, st.DNS.Cluster, st.DNS.NXDomain, st.DNS.Forwarded, st.DNS.CacheHits, st.DNS.FormErr, st.DNS.ServFail)
+			pr := st.Process
+			memLimit := "none"
+			if pr.GoMemLimit > 0 {
+				memLimit = bytesString(uint64(pr.GoMemLimit))
+			}
+			fmt.Fprintf(t, "Process:	RSS %s (peak %s), heap %s of GOMEMLIMIT %s; %d goroutines, GOMAXPROCS %d; %d of %d files open\n",
+				bytesString(pr.RSSBytes), bytesString(pr.PeakRSSBytes), bytesString(pr.HeapBytes), memLimit,
+				pr.Goroutines, pr.GOMAXPROCS, pr.OpenFiles, pr.FileLimit)
 			return t.Flush()
 		},
 	}

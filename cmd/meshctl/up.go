@@ -15,6 +15,7 @@ import (
 	"github.com/edgewire/edgewire/discovery/static"
 	"github.com/edgewire/edgewire/dns"
 	"github.com/edgewire/edgewire/overlay"
+	"github.com/edgewire/edgewire/overlay/sysres"
 )
 
 func newUpCmd() *cobra.Command {
@@ -50,7 +51,7 @@ Every flag can also be set in a YAML file given with --config, using the camelCa
 names (nodeName, servicesFile, stateDir, serviceCIDR, dnsIP, clusterDomain, controlSocket,
 resolvConf, upstreams, tunName, mtu, listenPort, overlayPrefix, wgInterface, forwardPort, relays, joinToken, joinTokenFile,
 udpIdleTimeout, connectTimeout, logLevel, logFormat, kubernetes, kubeconfig, relaySecret,
-kubeSyncTimeout, healthAddr).
+kubeSyncTimeout, healthAddr, pprof).
 Flags given on the command line win over the file.
 
 Between nodes the agent runs WireGuard (wireguard-go) on the overlay range (--overlay-prefix),
@@ -58,6 +59,12 @@ with its keys in --state-dir. Peers come from Node objects in the catalog and fr
 directories of the mesh-relay servers given with --relay (repeatable; the node proves the join
 token of --join-token-file to each). Each peer is reached over the best path that answers
 probes: one of its LAN addresses, a hole-punched direct path, or the relay.
+
+Resources: the agent sets the Go runtime's soft memory limit (GOMEMLIMIT) to 80% of the
+memory limit of its cgroup (v1 or v2; a GOMEMLIMIT in the environment wins), takes GOMAXPROCS
+from the cgroup's CPU quota (the Go runtime does this), raises its soft file descriptor limit
+to the hard one, and logs all of them at start ("resource limits"). Flows, DNS work and UDP
+state are capped within those limits; what is over a cap is refused and counted (meshctl status).
 
 up needs root (or CAP_NET_ADMIN) for the TUN device and its routes.`,
 		Example: `  meshctl up --node-name edge-1 --services-file /etc/edgewire/services.yaml
@@ -87,6 +94,7 @@ func runUp(ctx context.Context, o *upOptions) error {
 	if err != nil {
 		return err
 	}
+	sysres.Apply(logger, sysres.Host, 0)
 	upstreams := p.upstreams
 	if len(upstreams) == 0 && o.ResolvConf != "" {
 		upstreams, err = dns.ReadResolvConf(o.ResolvConf, p.dnsIP)
@@ -138,6 +146,7 @@ func runUp(ctx context.Context, o *upOptions) error {
 		Source:         source,
 		SourceName:     sourceName,
 		HealthAddr:     p.healthAddr,
+		Pprof:          o.Pprof,
 	})
 	if err != nil {
 		return err

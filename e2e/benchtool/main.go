@@ -1,7 +1,9 @@
-// Command benchtool is the load generator of edgewire's benchmark suite (make bench): a TCP echo
-// server, a request/response client that measures rate and latency percentiles over one
-// connection, and a connection-rate client (connect, one request, close). Its clients print one JSON
-// object, for scripts.
+// Command benchtool is the load generator of edgewire's benchmark suite (make bench) and of its
+// load tests: a TCP echo server, a request/response client that measures rate and latency
+// percentiles over one connection, a connection-rate client (connect, one request, close), the loads
+// an agent must survive (many held connections, UDP from many ports, DNS floods) and the ordinary
+// client that checks everyone else is served meanwhile (load.go). Its clients print one JSON object,
+// for scripts.
 package main
 
 import (
@@ -34,6 +36,14 @@ func main() {
 		err = runRR(ctx, os.Args[2:])
 	case "connrate":
 		err = runConnRate(ctx, os.Args[2:])
+	case "hold":
+		err = runHold(ctx, os.Args[2:])
+	case "udpfan":
+		err = runUDPFan(ctx, os.Args[2:])
+	case "dnsflood":
+		err = runDNSFlood(ctx, os.Args[2:])
+	case "probe":
+		err = runProbe(ctx, os.Args[2:])
 	default:
 		usage()
 		os.Exit(2)
@@ -50,6 +60,14 @@ func usage() {
   benchtool rr --target ADDR [--duration D] [--size N]
                                                    request/response over one connection
   benchtool connrate --target ADDR [--duration D]  connect, one request, close, repeated
+  benchtool hold --target ADDR --conns N [--duration D] [--source IP]
+                                                   open N echo connections and hold them
+  benchtool udpfan --target ADDR --ports N [--interval D] [--duration D] [--source IP]
+                                                   UDP from N source ports, one datagram each per interval
+  benchtool dnsflood --server ADDR --kind bytes|cluster|external [--rate PPS] [--duration D]
+                                                   a DNS flood from one socket
+  benchtool probe [--url URL] [--dns ADDR --name NAME] [--interval D] [--duration D]
+                                                   an ordinary client: one request and one query per interval
 `)
 }
 

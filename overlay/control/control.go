@@ -53,6 +53,22 @@ type Status struct {
 	// DroppedDatagrams counts datagrams on the WireGuard socket that were neither WireGuard nor a
 	// path frame the agent could use.
 	DroppedDatagrams uint64 `json:"droppedDatagrams"`
+	// Process is what the agent holds of the machine, against its limits.
+	Process ProcessStats `json:"process"`
+}
+
+// ProcessStats are the agent process's resources in use and the limits in force.
+type ProcessStats struct {
+	RSSBytes     uint64 `json:"rssBytes"`
+	PeakRSSBytes uint64 `json:"peakRSSBytes"`
+	// HeapBytes is the Go heap in use; GoMemLimit the runtime's soft limit (from the cgroup or
+	// GOMEMLIMIT; 0 when none).
+	HeapBytes  uint64 `json:"heapBytes"`
+	GoMemLimit int64  `json:"goMemLimit"`
+	Goroutines int    `json:"goroutines"`
+	GOMAXPROCS int    `json:"gomaxprocs"`
+	OpenFiles  int    `json:"openFiles"`
+	FileLimit  uint64 `json:"fileLimit"`
 }
 
 // ForwardStats counts the forward listener's requests.
