@@ -8,6 +8,7 @@ import (
 	"net/netip"
 	"os"
 	"sync"
+	"syscall"
 	"time"
 
 	"github.com/edgewire/edgewire/discovery"
@@ -48,7 +49,8 @@ type Dialer struct {
 //
 // For TCP it connects to [node]:Port, sends the header and waits for the status within the
 // deadline; a non-zero status closes the connection and returns an error wrapping ErrRefused,
-// ErrDialFailed, ErrBadRequest, ErrUnsupportedVersion or ErrProtocol. The returned conn is a
+// ErrDialFailed, ErrBadRequest, ErrUnsupportedVersion, ErrBusy or ErrProtocol. A spare connection
+// answered busy (it may have been refused when it connected) is replaced by a fresh one. The returned conn is a
 // *net.TCPConn carrying the flow's payload, with no deadline set.
 //
 // For UDP it returns a datagram conn, connected to [node]:Port, whose Write sends one datagram
@@ -109,7 +111,8 @@ func (d *Dialer) dialTCP(ctx context.Context, server netip.AddrPort, h Header, e
 }
 
 // retryable reports whether a Dial over a spare connection failed because of the connection, not
-// because of the target: the flow may then be dialled again on a new connection.
+// because of the target: the flow may then be dialled again on a new connection. ErrBusy is: the
+// server answers busy at accept, so a spare's status tells how full it was then, not now.
 func retryable(err error) bool {
 	return !errors.Is(err, ErrRefused) && !errors.Is(err, ErrDialFailed) && !errors.Is(err, ErrUnsupportedVersion) &&
 		!errors.Is(err, context.Canceled) && !errors.Is(err, context.DeadlineExceeded)
@@ -184,7 +187,9 @@ func dialUDP(ctx context.Context, server netip.AddrPort, h Header) (net.Conn, er
 }
 
 // udpClientConn is the client side of a UDP flow: Write puts the header in front of each datagram.
-// Only the methods of net.Conn are exposed, so nothing can write a datagram without its header.
+// It has the methods of net.Conn and SyscallConn, which lets a reader wait for a reply before it
+// takes a buffer (overlay/netstack does); a datagram written through the raw socket would lack the
+// header and be dropped by the server.
 type udpClientConn struct {
 	c      *net.UDPConn
 	hdrLen int
@@ -206,10 +211,11 @@ func (u *udpClientConn) Write(p []byte) (int, error) {
 	return len(p), nil
 }
 
-func (u *udpClientConn) Read(p []byte) (int, error)         { return u.c.Read(p) }
-func (u *udpClientConn) Close() error                       { return u.c.Close() }
-func (u *udpClientConn) LocalAddr() net.Addr                { return u.c.LocalAddr() }
-func (u *udpClientConn) RemoteAddr() net.Addr               { return u.c.RemoteAddr() }
-func (u *udpClientConn) SetDeadline(t time.Time) error      { return u.c.SetDeadline(t) }
-func (u *udpClientConn) SetReadDeadline(t time.Time) error  { return u.c.SetReadDeadline(t) }
-func (u *udpClientConn) SetWriteDeadline(t time.Time) error { return u.c.SetWriteDeadline(t) }
+func (u *udpClientConn) Read(p []byte) (int, error)            { return u.c.Read(p) }
+func (u *udpClientConn) SyscallConn() (syscall.RawConn, error) { return u.c.SyscallConn() }
+func (u *udpClientConn) Close() error                          { return u.c.Close() }
+func (u *udpClientConn) LocalAddr() net.Addr                   { return u.c.LocalAddr() }
+func (u *udpClientConn) RemoteAddr() net.Addr                  { return u.c.RemoteAddr() }
+func (u *udpClientConn) SetDeadline(t time.Time) error         { return u.c.SetDeadline(t) }
+func (u *udpClientConn) SetReadDeadline(t time.Time) error     { return u.c.SetReadDeadline(t) }
+func (u *udpClientConn) SetWriteDeadline(t time.Time) error    { return u.c.SetWriteDeadline(t) }

@@ -7,8 +7,16 @@
 // (DefaultPort, 51821) with Dialer, names the target endpoint in a header and splices. On B, the
 // Listener is bound to the overlay address and, through SO_BINDTODEVICE, to the TUN device mesh0, so
 // only WireGuard-authenticated peers reach it. It asks ListenerConfig.Allow whether the target is a
-// local endpoint of a known service, dials it and splices. Anything else is refused and counted: the
-// mesh is never an open proxy into a node's network. UDP keeps datagram boundaries.
+// local endpoint of a known service, dials it and copies both ways. Anything else is refused and
+// counted: the mesh is never an open proxy into a node's network. UDP keeps datagram boundaries.
+//
+// The Listener caps what its peers can make it hold, per peer (a peer is a node, known by its
+// overlay address) and in total: TCP connections (each costs two file descriptors, the peer's and
+// the target's; a connection takes its slot from accept, before its header, so silent connections
+// count too) and UDP flows (one descriptor each). The default caps are shares of the process's
+// RLIMIT_NOFILE (see overlay/internal/flows). What is over a cap is refused at once and counted
+// (Stats), never left to run the process out of descriptors. A flow holds no buffer while idle:
+// a 64 KiB buffer is taken from a pool only while data is waiting, and no splice pipe is used.
 //
 // # Wire format, version 1
 //
@@ -38,6 +46,11 @@
 //	3  bad request: malformed header, wrong protocol, or no whole header within the header
 //	   timeout (5 s by default)
 //	4  unsupported version
+//	5  busy: the server holds its cap of TCP connections from this peer (its overlay address) or
+//	   in all (ListenerConfig.MaxTCPFlowsPerPeer, MaxTCPFlows); sent as soon as the connection
+//	   is accepted, before the header is read, and the connection is closed behind it. A client
+//	   may try another endpoint or later. (Should the header already have arrived, the close may
+//	   reach the client as a reset right after the status byte.)
 //
 // A client may connect ahead of need (Dialer.Spares: a flow then waits for one round trip, the
 // status, instead of two) and close such a spare connection unused, before its first byte: the
@@ -108,6 +121,7 @@ const (
 	StatusDialFailed         Status = 2
 	StatusBadRequest         Status = 3
 	StatusUnsupportedVersion Status = 4
+	StatusBusy               Status = 5
 )
 
 // Errors; test them with errors.Is.
@@ -123,6 +137,8 @@ var (
 	ErrDialFailed = errors.New("forward target dial failed")
 	// ErrBadRequest: status 3, the server rejected the header.
 	ErrBadRequest = errors.New("forward request rejected as malformed")
+	// ErrBusy: status 5, the server is at its cap of connections from this node or in all.
+	ErrBusy = errors.New("forward server busy: connection cap reached")
 	// ErrProtocol: the server answered with something other than a known status.
 	ErrProtocol = errors.New("forward protocol error")
 )
@@ -140,6 +156,8 @@ func (s Status) err() error {
 		return ErrBadRequest
 	case StatusUnsupportedVersion:
 		return ErrUnsupportedVersion
+	case StatusBusy:
+		return ErrBusy
 	default:
 		return fmt.Errorf("%w: unknown status %d", ErrProtocol, byte(s))
 	}

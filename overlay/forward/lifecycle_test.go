@@ -11,6 +11,7 @@ import (
 	"time"
 
 	"github.com/edgewire/edgewire/discovery"
+	"github.com/edgewire/edgewire/overlay/internal/flows"
 )
 
 func TestNewListenerValidates(t *testing.T) {
@@ -44,8 +45,14 @@ func TestListenerDefaults(t *testing.T) {
 	}
 	c := l.cfg
 	if c.DialTimeout != DefaultListenDialTimeout || c.UDPIdleTimeout != DefaultUDPIdleTimeout ||
-		c.HeaderTimeout != DefaultHeaderTimeout || c.MaxUDPFlows != DefaultMaxUDPFlows {
+		c.HeaderTimeout != DefaultHeaderTimeout {
 		t.Fatalf("defaults not applied: %+v", c)
+	}
+	fds := flows.FDLimit()
+	if c.MaxTCPFlows != DefaultMaxTCPFlows(fds) || c.MaxTCPFlowsPerPeer != c.MaxTCPFlows/2 ||
+		c.MaxUDPFlows != DefaultMaxUDPFlows(fds) || c.MaxUDPFlowsPerPeer != c.MaxUDPFlows/2 ||
+		c.UDPEvictIdle != DefaultUDPIdleTimeout/4 {
+		t.Fatalf("flow caps not applied for a file limit of %d: %+v", fds, c)
 	}
 }
 

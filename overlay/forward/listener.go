@@ -15,6 +15,7 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/edgewire/edgewire/discovery"
+	"github.com/edgewire/edgewire/overlay/internal/flows"
 	"github.com/edgewire/edgewire/overlay/internal/ratelimit"
 )
 
@@ -23,8 +24,17 @@ const (
 	DefaultListenDialTimeout = 5 * time.Second
 	DefaultUDPIdleTimeout    = 60 * time.Second
 	DefaultHeaderTimeout     = 5 * time.Second
-	DefaultMaxUDPFlows       = 10000
 )
+
+// DefaultMaxTCPFlows returns the default of ListenerConfig.MaxTCPFlows for a file-descriptor limit
+// fdLimit: fdLimit/5 (two descriptors a connection, so 40% of the limit), at least 64 and at most
+// 8192. DefaultMaxUDPFlows is its UDP counterpart: fdLimit/10 (one descriptor a flow), at least 32
+// and at most 4096. The per-peer defaults are half of these. At the load goals' limit of 20,000:
+// 4,000 TCP connections (2,000 per peer) and 2,000 UDP flows (1,000 per peer).
+func DefaultMaxTCPFlows(fdLimit int) int { return flows.Share(fdLimit, 5, 64, 8192) }
+
+// DefaultMaxUDPFlows: see DefaultMaxTCPFlows.
+func DefaultMaxUDPFlows(fdLimit int) int { return flows.Share(fdLimit, 10, 32, 4096) }
 
 // ListenerConfig configures a Listener. Zero values mean the defaults written beside each field.
 type ListenerConfig struct {
@@ -49,9 +59,23 @@ type ListenerConfig struct {
 	UDPIdleTimeout time.Duration
 	// HeaderTimeout bounds the wait for a TCP request's header; 0 means DefaultHeaderTimeout.
 	HeaderTimeout time.Duration
-	// MaxUDPFlows caps the UDP flows open at once; 0 means DefaultMaxUDPFlows. A datagram that
-	// would open one more is dropped and counted.
+	// MaxTCPFlows caps the TCP connections held at once, from accept (before the header) to the
+	// end of the flow; 0 means DefaultMaxTCPFlows of the RLIMIT_NOFILE in force at NewListener. A
+	// connection over a cap is answered status 5 (busy) and closed at once, and counted.
+	MaxTCPFlows int
+	// MaxTCPFlowsPerPeer caps the TCP connections held at once from one peer (one overlay
+	// address); 0 means MaxTCPFlows/2. It is at most MaxTCPFlows.
+	MaxTCPFlowsPerPeer int
+	// MaxUDPFlows caps the UDP flows open at once; 0 means DefaultMaxUDPFlows of the RLIMIT_NOFILE
+	// in force at NewListener. A datagram that would open one more is dropped and counted.
 	MaxUDPFlows int
+	// MaxUDPFlowsPerPeer caps the UDP flows of one peer; 0 means MaxUDPFlows/2. A datagram that
+	// would open one more evicts the peer's least recently active flow if it is idle for
+	// UDPEvictIdle, and is dropped and counted otherwise.
+	MaxUDPFlowsPerPeer int
+	// UDPEvictIdle is how long a flow must have been idle to be evicted for a new flow of the same
+	// peer; 0 means UDPIdleTimeout/4.
+	UDPEvictIdle time.Duration
 }
 
 // Stats are the Listener's counters since Start.
@@ -65,16 +89,32 @@ type Stats struct {
 	// Unused counts TCP connections closed before their first byte: spares a Dialer did not need.
 	Unused       uint64
 	DialFailures uint64 // targets that could not be dialled (status 2 for TCP)
-	UDPDropped   uint64 // UDP datagrams dropped past the flow cap or on a failed send, either way
-	ActiveTCP    uint64 // TCP flows being spliced now
+	UDPDropped   uint64 // UDP datagrams dropped on a failed send, either way
+	ActiveTCP    uint64 // TCP flows being copied now
 	ActiveUDP    uint64 // UDP flows open now
 	BytesIn      uint64 // payload bytes from peers to targets
 	BytesOut     uint64 // payload bytes from targets to peers
+
+	// TCPBusyPeer and TCPBusyTotal count TCP connections refused with status 5 (busy) because the
+	// peer held MaxTCPFlowsPerPeer connections, or the listener MaxTCPFlows.
+	TCPBusyPeer, TCPBusyTotal uint64
+	// UDPCapPeer and UDPCapTotal count datagrams dropped because they would have opened a flow
+	// beyond MaxUDPFlowsPerPeer (no flow of the peer was idle enough to evict) or MaxUDPFlows.
+	UDPCapPeer, UDPCapTotal uint64
+	// UDPEvicted counts UDP flows closed to make room for a new flow of the same peer.
+	UDPEvicted uint64
+	// TCPConns is the TCP connections held now, from accept to close (ActiveTCP counts those of
+	// them past their status 0).
+	TCPConns uint64
+
+	// The caps in force.
+	MaxTCPFlows, MaxTCPFlowsPerPeer, MaxUDPFlows, MaxUDPFlowsPerPeer uint64
 }
 
 type counters struct {
 	tcpAccepted, udpAccepted, refused, badHeader, dialFailures, udpDropped atomic.Uint64
 	activeTCP, activeUDP, bytesIn, bytesOut, unused                        atomic.Uint64
+	tcpBusyPeer, tcpBusyTotal, udpCapPeer, udpCapTotal, udpEvicted         atomic.Uint64
 }
 
 // Listener is the server side: it serves forward requests on [Addr]:Port, TCP and UDP.
@@ -87,9 +127,12 @@ type Listener struct {
 	stats counters
 
 	logLimiter ratelimit.Limiter
-	// replyBufs holds maxDatagram-sized buffers for UDP replies. A flow's goroutine takes one only
-	// once a reply is waiting, so memory follows the replies in flight, not the flows open.
-	replyBufs sync.Pool
+	// bufs holds the buffers of TCP copies and UDP replies. A flow takes one only while data is
+	// waiting, so memory follows the data in flight, not the flows open.
+	bufs flows.Buffers
+	// tcpTable holds a slot per TCP connection, from accept to close; udpTable one per UDP flow.
+	tcpTable *flows.Table[flows.Counted]
+	udpTable *flows.Table[*udpFlow]
 
 	ctx    context.Context // cancelled by Close: aborts dials in progress
 	cancel context.CancelFunc
@@ -128,8 +171,25 @@ func NewListener(cfg ListenerConfig) (*Listener, error) {
 	if cfg.HeaderTimeout <= 0 {
 		cfg.HeaderTimeout = DefaultHeaderTimeout
 	}
-	if cfg.MaxUDPFlows <= 0 {
-		cfg.MaxUDPFlows = DefaultMaxUDPFlows
+	if cfg.MaxTCPFlows <= 0 || cfg.MaxUDPFlows <= 0 {
+		fds := flows.FDLimit()
+		if cfg.MaxTCPFlows <= 0 {
+			cfg.MaxTCPFlows = DefaultMaxTCPFlows(fds)
+		}
+		if cfg.MaxUDPFlows <= 0 {
+			cfg.MaxUDPFlows = DefaultMaxUDPFlows(fds)
+		}
+	}
+	if cfg.MaxTCPFlowsPerPeer <= 0 {
+		cfg.MaxTCPFlowsPerPeer = max(cfg.MaxTCPFlows/2, 1)
+	}
+	if cfg.MaxUDPFlowsPerPeer <= 0 {
+		cfg.MaxUDPFlowsPerPeer = max(cfg.MaxUDPFlows/2, 1)
+	}
+	cfg.MaxTCPFlowsPerPeer = min(cfg.MaxTCPFlowsPerPeer, cfg.MaxTCPFlows)
+	cfg.MaxUDPFlowsPerPeer = min(cfg.MaxUDPFlowsPerPeer, cfg.MaxUDPFlows)
+	if cfg.UDPEvictIdle <= 0 {
+		cfg.UDPEvictIdle = cfg.UDPIdleTimeout / 4
 	}
 	ctx, cancel := context.WithCancel(context.Background())
 	l := &Listener{
@@ -138,12 +198,10 @@ func NewListener(cfg ListenerConfig) (*Listener, error) {
 		logLimiter: ratelimit.Limiter{Every: time.Second},
 		ctx:        ctx,
 		cancel:     cancel,
+		tcpTable:   flows.NewTable[flows.Counted](cfg.MaxTCPFlowsPerPeer, cfg.MaxTCPFlows),
+		udpTable:   flows.NewTable[*udpFlow](cfg.MaxUDPFlowsPerPeer, cfg.MaxUDPFlows),
 		tcpConns:   map[net.Conn]struct{}{},
 		udpFlows:   map[udpKey]*udpFlow{},
-	}
-	l.replyBufs.New = func() any {
-		b := make([]byte, maxDatagram)
-		return &b
 	}
 	return l, nil
 }
@@ -179,7 +237,9 @@ func (l *Listener) Start() error {
 	l.wg.Add(2)
 	go l.acceptTCP(l.tcpLn)
 	go l.readUDP(l.udpConn)
-	l.log.Info("forward listener up", "addr", addr, "device", l.cfg.Device)
+	l.log.Info("forward listener up", "addr", addr, "device", l.cfg.Device,
+		"max_tcp", l.cfg.MaxTCPFlows, "max_tcp_per_peer", l.cfg.MaxTCPFlowsPerPeer,
+		"max_udp", l.cfg.MaxUDPFlows, "max_udp_per_peer", l.cfg.MaxUDPFlowsPerPeer)
 	return nil
 }
 
@@ -215,6 +275,18 @@ func (l *Listener) Stats() Stats {
 		ActiveUDP:    c.activeUDP.Load(),
 		BytesIn:      c.bytesIn.Load(),
 		BytesOut:     c.bytesOut.Load(),
+
+		TCPBusyPeer:  c.tcpBusyPeer.Load(),
+		TCPBusyTotal: c.tcpBusyTotal.Load(),
+		UDPCapPeer:   c.udpCapPeer.Load(),
+		UDPCapTotal:  c.udpCapTotal.Load(),
+		UDPEvicted:   c.udpEvicted.Load(),
+		TCPConns:     uint64(l.tcpTable.Len()),
+
+		MaxTCPFlows:        uint64(l.cfg.MaxTCPFlows),
+		MaxTCPFlowsPerPeer: uint64(l.cfg.MaxTCPFlowsPerPeer),
+		MaxUDPFlows:        uint64(l.cfg.MaxUDPFlows),
+		MaxUDPFlowsPerPeer: uint64(l.cfg.MaxUDPFlowsPerPeer),
 	}
 }
 

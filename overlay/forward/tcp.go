@@ -6,16 +6,14 @@ import (
 	"io"
 	"log/slog"
 	"net"
+	"net/netip"
 	"sync"
 	"sync/atomic"
 	"time"
 
 	"github.com/edgewire/edgewire/discovery"
+	"github.com/edgewire/edgewire/overlay/internal/flows"
 )
-
-// spliceChunk is how many bytes one direction of a TCP flow copies between updates of the byte
-// counters. Each chunk is moved by splice(2) without passing through user space.
-const spliceChunk = 1 << 20
 
 // acceptTCP accepts TCP requests until the listener is closed.
 func (l *Listener) acceptTCP(ln *net.TCPListener) {
@@ -40,14 +38,38 @@ func (l *Listener) acceptTCP(ln *net.TCPListener) {
 			continue
 		}
 		backoff = 0
+		peer := c.RemoteAddr().(*net.TCPAddr).AddrPort().Addr()
+		if err := l.tcpTable.Acquire(peer); err != nil {
+			l.refuseBusy(c, peer, err)
+			continue
+		}
 		l.wg.Add(1)
-		go l.serveTCP(c)
+		go l.serveTCP(c, peer)
 	}
 }
 
-// serveTCP serves one TCP request: header, checks, dial, status, splice.
-func (l *Listener) serveTCP(c *net.TCPConn) {
+// refuseBusy answers a connection over a cap with status 5 (busy) and closes it, without reading
+// anything: the status goes out at once into the empty send buffer, so the accept loop never waits.
+func (l *Listener) refuseBusy(c *net.TCPConn, peer netip.Addr, err error) {
+	if errors.Is(err, flows.ErrClientCap) {
+		l.stats.tcpBusyPeer.Add(1)
+	} else {
+		l.stats.tcpBusyTotal.Add(1)
+	}
+	l.logf(slog.LevelWarn, "forward: tcp connection over the cap, answered busy", "peer", peer, "err", err,
+		"per_peer", l.cfg.MaxTCPFlowsPerPeer, "total", l.cfg.MaxTCPFlows)
+	c.SetWriteDeadline(time.Now().Add(busyWriteTimeout))
+	c.Write([]byte{byte(StatusBusy)})
+	c.Close()
+}
+
+// busyWriteTimeout bounds the write of a busy status (which does not block in practice).
+const busyWriteTimeout = 100 * time.Millisecond
+
+// serveTCP serves one TCP request, holding a slot of peer: header, checks, dial, status, copy.
+func (l *Listener) serveTCP(c *net.TCPConn, peerAddr netip.Addr) {
 	defer l.wg.Done()
+	defer l.tcpTable.Release(peerAddr)
 	if !l.track(c) {
 		return
 	}
@@ -99,7 +121,7 @@ func (l *Listener) serveTCP(c *net.TCPConn) {
 	l.stats.tcpAccepted.Add(1)
 	l.stats.activeTCP.Add(1)
 	defer l.stats.activeTCP.Add(^uint64(0))
-	l.splice(c, t)
+	l.copyBoth(c, t)
 }
 
 // readHeader reads exactly one header from r, first the magic and version (so another version is
@@ -143,36 +165,31 @@ func (l *Listener) reply(c *net.TCPConn, st Status) bool {
 	return true
 }
 
-// splice copies both ways between the peer c and the target t until both directions end. EOF one
+// copyBoth copies both ways between the peer c and the target t until both directions end. EOF one
 // way half-closes the other side (CloseWrite), so a peer that shuts down its sending side still gets
 // the rest of the response; an error either way closes both.
-func (l *Listener) splice(c, t *net.TCPConn) {
+func (l *Listener) copyBoth(c, t *net.TCPConn) {
 	var wg sync.WaitGroup
 	wg.Add(1)
 	l.wg.Add(1) // the caller holds a count on l.wg, so Close has not begun waiting
 	go func() {
 		defer l.wg.Done()
 		defer wg.Done()
-		copyHalf(t, c, &l.stats.bytesIn)
+		l.copyHalf(t, c, &l.stats.bytesIn)
 	}()
-	copyHalf(c, t, &l.stats.bytesOut)
+	l.copyHalf(c, t, &l.stats.bytesOut)
 	wg.Wait()
 }
 
-// copyHalf copies src to dst in chunks, counting bytes, then passes src's EOF on as dst's
-// half-close; an error closes both.
-func copyHalf(dst, src *net.TCPConn, bytes *atomic.Uint64) {
-	for {
-		n, err := io.CopyN(dst, src, spliceChunk)
-		bytes.Add(uint64(n))
-		if err == nil {
-			continue
-		}
-		if errors.Is(err, io.EOF) && dst.CloseWrite() == nil {
-			return
-		}
-		src.Close()
-		dst.Close()
+// copyHalf copies src to dst, counting bytes, then passes src's EOF on as dst's half-close; an error
+// closes both. It waits for src to be readable before it takes a buffer, so an idle direction holds
+// none; and it copies through user space, not with splice(2), whose pipes Go keeps for as long as a
+// flow waits and caches after it (see overlay/internal/flows).
+func (l *Listener) copyHalf(dst, src *net.TCPConn, bytes *atomic.Uint64) {
+	err := flows.Copy(dst, src, flows.SocketWaiter(src), &l.bufs, bytes)
+	if err == nil && dst.CloseWrite() == nil {
 		return
 	}
+	src.Close()
+	dst.Close()
 }

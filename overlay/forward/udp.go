@@ -14,6 +14,7 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/edgewire/edgewire/discovery"
+	"github.com/edgewire/edgewire/overlay/internal/flows"
 )
 
 // maxDatagram is the largest UDP payload; buffers hold a whole datagram so none is truncated.
@@ -31,6 +32,9 @@ type udpFlow struct {
 	conn       *net.UDPConn
 	lastActive atomic.Int64 // UnixNano of the last datagram either way
 }
+
+// LastActive implements flows.Flow.
+func (f *udpFlow) LastActive() int64 { return f.lastActive.Load() }
 
 // readUDP reads request datagrams until the listener is closed.
 func (l *Listener) readUDP(pc *net.UDPConn) {
@@ -97,16 +101,13 @@ func (l *Listener) openFlow(pc *net.UDPConn, key udpKey) *udpFlow {
 		l.logf(slog.LevelWarn, "forward: target not allowed", "proto", discovery.UDP, "peer", key.client, "target", key.target)
 		return nil
 	}
-	l.mu.Lock()
-	full := len(l.udpFlows) >= l.cfg.MaxUDPFlows
-	l.mu.Unlock()
-	if full {
-		l.stats.udpDropped.Add(1)
-		l.logf(slog.LevelWarn, "forward: udp flow limit reached, datagram dropped", "peer", key.client, "target", key.target, "limit", l.cfg.MaxUDPFlows)
+	peer := key.client.Addr()
+	if !l.acquireUDP(peer, key) {
 		return nil
 	}
 	conn, err := net.DialUDP("udp", nil, net.UDPAddrFromAddrPort(key.target))
 	if err != nil {
+		l.udpTable.Release(peer)
 		l.stats.dialFailures.Add(1)
 		l.logf(slog.LevelInfo, "forward: target dial failed", "proto", discovery.UDP, "peer", key.client, "target", key.target, "err", err)
 		return nil
@@ -116,9 +117,11 @@ func (l *Listener) openFlow(pc *net.UDPConn, key udpKey) *udpFlow {
 	l.mu.Lock()
 	if l.closed {
 		l.mu.Unlock()
+		l.udpTable.Release(peer)
 		conn.Close()
 		return nil
 	}
+	l.udpTable.Attach(peer, f)
 	l.udpFlows[key] = f
 	l.wg.Add(1)
 	l.mu.Unlock()
@@ -126,6 +129,34 @@ func (l *Listener) openFlow(pc *net.UDPConn, key udpKey) *udpFlow {
 	l.stats.activeUDP.Add(1)
 	go l.relayReplies(pc, f)
 	return f
+}
+
+// acquireUDP takes a flow slot of peer for a new flow of key. At the peer's cap it evicts the peer's
+// least recently active flow if that one is idle for UDPEvictIdle; it reports false, having counted
+// the dropped datagram, when no slot could be had.
+func (l *Listener) acquireUDP(peer netip.Addr, key udpKey) bool {
+	err := l.udpTable.Acquire(peer)
+	if errors.Is(err, flows.ErrClientCap) {
+		if victim, ok := l.udpTable.Evict(peer, time.Now().UnixNano(), l.cfg.UDPEvictIdle); ok {
+			l.mu.Lock()
+			l.deleteFlowLocked(victim)
+			l.mu.Unlock()
+			victim.conn.Close() // its goroutine ends and counts it out of ActiveUDP
+			l.stats.udpEvicted.Add(1)
+			err = l.udpTable.Acquire(peer)
+		}
+	}
+	switch {
+	case err == nil:
+		return true
+	case errors.Is(err, flows.ErrClientCap):
+		l.stats.udpCapPeer.Add(1)
+	default:
+		l.stats.udpCapTotal.Add(1)
+	}
+	l.logf(slog.LevelWarn, "forward: udp flow over the cap, datagram dropped", "peer", key.client, "target", key.target,
+		"err", err, "per_peer", l.cfg.MaxUDPFlowsPerPeer, "total", l.cfg.MaxUDPFlows)
+	return false
 }
 
 // relayReplies sends the target's datagrams back to the client until the flow is idle for
@@ -155,7 +186,7 @@ func (l *Listener) relayReplies(pc *net.UDPConn, f *udpFlow) {
 		if err != nil {
 			continue // an ICMP error from the target, already consumed
 		}
-		bp := l.replyBufs.Get().(*[]byte)
+		bp := l.bufs.Get()
 		n, err := f.conn.Read(*bp)
 		if err == nil {
 			f.lastActive.Store(time.Now().UnixNano())
@@ -166,7 +197,7 @@ func (l *Listener) relayReplies(pc *net.UDPConn, f *udpFlow) {
 				l.stats.bytesOut.Add(uint64(n))
 			}
 		}
-		l.replyBufs.Put(bp)
+		l.bufs.Put(bp)
 		if err != nil && !isTransient(err) && !errors.Is(err, os.ErrDeadlineExceeded) {
 			return
 		}
@@ -207,11 +238,13 @@ func (l *Listener) reapIfIdle(f *udpFlow) bool {
 	return true
 }
 
-// removeFlow removes f from the flow table and closes its socket.
+// removeFlow removes f from the flow table, gives back its slot (unless it was evicted, which did)
+// and closes its socket.
 func (l *Listener) removeFlow(f *udpFlow) {
 	l.mu.Lock()
 	l.deleteFlowLocked(f)
 	l.mu.Unlock()
+	l.udpTable.Detach(f.key.client.Addr(), f)
 	f.conn.Close()
 }
 

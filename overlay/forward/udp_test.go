@@ -181,7 +181,7 @@ func TestUDPDrops(t *testing.T) {
 
 func TestUDPFlowLimit(t *testing.T) {
 	tg := startUDPTarget(t, loopback4, echoUDP)
-	l := startListener(t, ListenerConfig{Allow: allowOnly(tg.addr()), MaxUDPFlows: 2})
+	l := startListener(t, ListenerConfig{Allow: allowOnly(tg.addr()), MaxUDPFlows: 2, MaxUDPFlowsPerPeer: 2})
 	d := dialerFor(l)
 	var conns []net.Conn
 	for i := range 3 {
@@ -198,7 +198,7 @@ func TestUDPFlowLimit(t *testing.T) {
 			readDatagram(t, c)
 		}
 	}
-	waitFor(t, "the third flow to be dropped", func() bool { return l.Stats().UDPDropped == 1 })
+	waitFor(t, "the third flow to be dropped", func() bool { return l.Stats().UDPCapPeer == 1 })
 	if st := l.Stats(); st.ActiveUDP != 2 || st.UDPAccepted != 2 || tg.datagrams.Load() != 2 {
 		t.Fatalf("stats %+v, target saw %d: want 2 flows", st, tg.datagrams.Load())
 	}
