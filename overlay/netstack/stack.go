@@ -5,6 +5,12 @@
 // wireguard-go tun.Device, so the overlay/tun splitter pumps packets between it and the kernel TUN: Write
 // delivers IP packets into the stack, Read returns the packets the stack emits. It is the only package of
 // edgewire that imports gVisor.
+//
+// Flows are capped per client (source address) and in total, TCP and UDP apart (Config.MaxTCPFlows and
+// the fields after it; the defaults are shares of RLIMIT_NOFILE, see overlay/internal/flows): a TCP SYN
+// over a cap gets a RST, a UDP datagram is dropped or, at the client's own cap, evicts that client's
+// least recently active idle flow; each refusal is counted (FlowStats). A UDP flow's queue in the stack
+// is bounded in bytes, and no flow holds a copy buffer while it waits for data.
 package netstack
 
 import (
@@ -31,6 +37,7 @@ import (
 	"gvisor.dev/gvisor/pkg/tcpip/transport/udp"
 
 	"github.com/edgewire/edgewire/discovery"
+	"github.com/edgewire/edgewire/overlay/internal/flows"
 	"github.com/edgewire/edgewire/overlay/internal/ratelimit"
 )
 
@@ -74,7 +81,43 @@ type Config struct {
 	UDPIdleTimeout time.Duration
 	// ConnectTimeout is the deadline of DialFlow's ctx; 0 means 5s.
 	ConnectTimeout time.Duration
+
+	// MaxTCPFlows caps the TCP flows held at once, from the SYN being admitted (DialFlow already
+	// holds a descriptor) to the end of the flow; 0 means DefaultMaxTCPFlows of the RLIMIT_NOFILE in
+	// force at New. A SYN over a cap is answered with a RST, before AdmitFlow and DialFlow, and
+	// counted (FlowStats.CapClient, CapTotal).
+	MaxTCPFlows int
+	// MaxTCPFlowsPerClient caps the TCP flows of one client (source address); 0 means
+	// MaxTCPFlows/4. It is at most MaxTCPFlows.
+	MaxTCPFlowsPerClient int
+	// MaxUDPFlows caps the UDP flows held at once; 0 means DefaultMaxUDPFlows of the RLIMIT_NOFILE in
+	// force at New. A datagram that would open one more is dropped and counted (FlowStats.CapTotal).
+	MaxUDPFlows int
+	// MaxUDPFlowsPerClient caps the UDP flows of one client; 0 means MaxUDPFlows/4. A datagram that
+	// would open one more evicts the client's least recently active flow if that one is idle for
+	// UDPEvictIdle (FlowStats.Evicted), and is dropped and counted otherwise (FlowStats.CapClient).
+	MaxUDPFlowsPerClient int
+	// UDPEvictIdle is how long a UDP flow must have been idle to be evicted for a new flow of the
+	// same client; 0 means UDPIdleTimeout/4.
+	UDPEvictIdle time.Duration
+	// UDPQueueBytes bounds the datagrams a UDP flow queues in the stack for its upstream, in payload
+	// bytes (one datagram more may pass the bound); 0 means DefaultUDPQueueBytes. Datagrams beyond
+	// it are dropped and counted (FlowStats.QueueDrops).
+	UDPQueueBytes int
 }
+
+// DefaultUDPQueueBytes is the default of Config.UDPQueueBytes.
+const DefaultUDPQueueBytes = 32 << 10
+
+// DefaultMaxTCPFlows returns the default of Config.MaxTCPFlows for a file-descriptor limit fdLimit:
+// fdLimit/5 (one upstream descriptor a flow), at least 64 and at most 8192. DefaultMaxUDPFlows is
+// its UDP counterpart: fdLimit/10, at least 32 and at most 4096. The per-client defaults are a
+// quarter of these. At the load goals' limit of 20,000: 4,000 TCP flows (1,000 per client) and
+// 2,000 UDP flows (500 per client). See overlay/internal/flows for the whole budget.
+func DefaultMaxTCPFlows(fdLimit int) int { return flows.Share(fdLimit, 5, 64, 8192) }
+
+// DefaultMaxUDPFlows: see DefaultMaxTCPFlows.
+func DefaultMaxUDPFlows(fdLimit int) int { return flows.Share(fdLimit, 10, 32, 4096) }
 
 const (
 	defaultMTU            = 1420
@@ -98,6 +141,18 @@ type FlowStats struct {
 	BytesUp, BytesDown uint64
 	// DroppedDatagrams counts UDP datagrams lost with a refused flow or too big to relay (UDP only).
 	DroppedDatagrams uint64
+	// CapClient counts flows refused because their client held its cap of flows (a TCP SYN answered
+	// with a RST; a UDP datagram dropped), CapTotal because the stack held its total cap.
+	CapClient, CapTotal uint64
+	// Evicted counts UDP flows closed to make room for a new flow of the same client (UDP only).
+	Evicted uint64
+	// QueueDrops counts UDP datagrams dropped because their flow's queue held UDPQueueBytes (UDP
+	// only).
+	QueueDrops uint64
+	// Held is the flows holding a slot now, including those still being dialled.
+	Held uint64
+	// Max and MaxPerClient are the caps in force.
+	Max, MaxPerClient uint64
 }
 
 // Stats is a snapshot of the Stack's counters.
@@ -115,9 +170,11 @@ type Stats struct {
 
 type flowCounters struct {
 	opened, active, refused, bytesUp, bytesDown, droppedDatagrams atomic.Uint64
+	capClient, capTotal, evicted, queueDrops                      atomic.Uint64
 }
 
-func (c *flowCounters) snapshot() FlowStats {
+func snapshot[F flows.Flow](c *flowCounters, t *flows.Table[F]) FlowStats {
+	perClient, total := t.Caps()
 	return FlowStats{
 		Opened:           c.opened.Load(),
 		Active:           c.active.Load(),
@@ -125,6 +182,13 @@ func (c *flowCounters) snapshot() FlowStats {
 		BytesUp:          c.bytesUp.Load(),
 		BytesDown:        c.bytesDown.Load(),
 		DroppedDatagrams: c.droppedDatagrams.Load(),
+		CapClient:        c.capClient.Load(),
+		CapTotal:         c.capTotal.Load(),
+		Evicted:          c.evicted.Load(),
+		QueueDrops:       c.queueDrops.Load(),
+		Held:             uint64(t.Len()),
+		Max:              uint64(total),
+		MaxPerClient:     uint64(perClient),
 	}
 }
 
@@ -147,7 +211,11 @@ type Stack struct {
 	packetsIn, packetsOut                               atomic.Uint64
 	droppedMalformed, droppedNotServed, droppedOutbound atomic.Uint64
 	logLimiter                                          ratelimit.Limiter
-	copyBufs                                            sync.Pool // *[]byte buffers for TCP splicing
+	// bufs holds the buffers flows take while data waits (see tcp.go, udp.go); tcpTable and udpTable
+	// hold a slot per flow, against the caps.
+	bufs     flows.Buffers
+	tcpTable *flows.Table[flows.Counted]
+	udpTable *flows.Table[*flow]
 
 	closeOnce sync.Once
 	wg        sync.WaitGroup // every goroutine the Stack starts or adopts (gVisor's TCP handler goroutines)
@@ -179,6 +247,7 @@ func New(cfg Config) (*Stack, error) {
 	if cfg.ConnectTimeout <= 0 {
 		cfg.ConnectTimeout = defaultConnectTimeout
 	}
+	cfg = flowDefaults(cfg)
 	for _, p := range cfg.Prefixes {
 		if !p.IsValid() {
 			return nil, fmt.Errorf("netstack: invalid service prefix %v", p)
@@ -214,9 +283,11 @@ func New(cfg Config) (*Stack, error) {
 		ctx:    ctx,
 		cancel: cancel,
 		flows:  make(map[*flow]struct{}),
+
+		tcpTable: flows.NewTable[flows.Counted](cfg.MaxTCPFlowsPerClient, cfg.MaxTCPFlows),
+		udpTable: flows.NewTable[*flow](cfg.MaxUDPFlowsPerClient, cfg.MaxUDPFlows),
 	}
 	s.logLimiter.Every = time.Second
-	s.copyBufs.New = func() any { b := make([]byte, 64<<10); return &b }
 	if err := s.setup(); err != nil {
 		cancel()
 		ipstk.Close()
@@ -359,8 +430,8 @@ func (s *Stack) localFullAddr(ap netip.AddrPort) (tcpip.FullAddress, tcpip.Netwo
 // Stats returns a snapshot of the counters.
 func (s *Stack) Stats() Stats {
 	return Stats{
-		TCP:              s.tcpStats.snapshot(),
-		UDP:              s.udpStats.snapshot(),
+		TCP:              snapshot(&s.tcpStats, s.tcpTable),
+		UDP:              s.udpSnapshot(),
 		PacketsIn:        s.packetsIn.Load(),
 		PacketsOut:       s.packetsOut.Load(),
 		DroppedMalformed: s.droppedMalformed.Load(),

@@ -3,19 +3,20 @@ package netstack
 import (
 	"context"
 	"errors"
-	"io"
 	"log/slog"
 	"net"
 	"net/netip"
 	"sync"
 	"sync/atomic"
 
+	"gvisor.dev/gvisor/pkg/tcpip"
 	"gvisor.dev/gvisor/pkg/tcpip/adapters/gonet"
 	"gvisor.dev/gvisor/pkg/tcpip/transport/tcp"
 	"gvisor.dev/gvisor/pkg/waiter"
 
 	"github.com/edgewire/edgewire/discovery"
 	"github.com/edgewire/edgewire/overlay/forward"
+	"github.com/edgewire/edgewire/overlay/internal/flows"
 )
 
 // handleTCP is the TCP forwarder's handler. gVisor's forwarder already runs it in a goroutine of its own
@@ -28,6 +29,10 @@ import (
 // which the forward Dialer sends ahead with its request. Without an Admitter, DialFlow runs first and
 // the handshake is completed only once it succeeded: a refused flow is refused with a RST before the
 // client ever sees it established.
+//
+// Before all that the flow takes a slot of its client (source address) in the TCP flow table, which
+// it holds until it ends; a SYN over Config.MaxTCPFlowsPerClient or Config.MaxTCPFlows gets a RST at
+// once and is counted.
 func (s *Stack) handleTCP(r *tcp.ForwarderRequest) {
 	if !s.enter() {
 		r.Complete(true)
@@ -38,6 +43,12 @@ func (s *Stack) handleTCP(r *tcp.ForwarderRequest) {
 	id := r.ID()
 	src := addrPort(id.RemoteAddress, id.RemotePort)
 	dst := addrPort(id.LocalAddress, id.LocalPort)
+	if err := s.tcpTable.Acquire(src.Addr()); err != nil {
+		s.countCap(&s.tcpStats, "tcp", src, dst, err)
+		r.Complete(true)
+		return
+	}
+	defer s.tcpTable.Release(src.Addr())
 
 	admitter, early := s.cfg.Dialer.(Admitter)
 	if early {
@@ -98,7 +109,7 @@ func (s *Stack) handleTCP(r *tcp.ForwarderRequest) {
 		ep.Abort()
 		return
 	}
-	client := gonet.NewTCPConn(&wq, ep)
+	client := &clientTCP{TCPConn: gonet.NewTCPConn(&wq, ep), clientEnd: newClientEnd(ep, &wq)}
 
 	f := &flow{client: client, upstream: res.up}
 	if !s.addFlow(f) {
@@ -128,8 +139,10 @@ func (s *Stack) refuseTCP(r *tcp.ForwarderRequest, src, dst netip.AddrPort, err 
 
 // splice copies both ways between client and up until both directions end. On EOF from one side it
 // half-closes the other (CloseWrite), so a client that shuts down its sending side still receives the
-// rest of the response. An error either way closes both connections.
-func (s *Stack) splice(f *flow, client *gonet.TCPConn, up net.Conn) {
+// rest of the response. An error either way closes both connections. Each direction waits for data
+// before it takes a buffer from s.bufs, so an idle flow holds none (an upstream that is no
+// syscall.Conn is the exception: its direction holds a buffer while it waits).
+func (s *Stack) splice(f *flow, client *clientTCP, up net.Conn) {
 	defer f.close()
 	var wg sync.WaitGroup
 	wg.Add(1)
@@ -137,17 +150,17 @@ func (s *Stack) splice(f *flow, client *gonet.TCPConn, up net.Conn) {
 	go func() {
 		defer s.wg.Done()
 		defer wg.Done()
-		s.copyHalf(f, up, client, &s.tcpStats.bytesUp)
+		wait, stop := client.readWaiter()
+		defer stop()
+		s.copyHalf(f, up, client, wait, &s.tcpStats.bytesUp)
 	}()
-	s.copyHalf(f, client, up, &s.tcpStats.bytesDown)
+	s.copyHalf(f, client, up, flows.SocketWaiter(up), &s.tcpStats.bytesDown)
 	wg.Wait()
 }
 
 // copyHalf copies src to dst, counting bytes; EOF half-closes dst, an error closes the whole flow.
-func (s *Stack) copyHalf(f *flow, dst, src net.Conn, n *atomic.Uint64) {
-	buf := s.copyBufs.Get().(*[]byte)
-	_, err := io.CopyBuffer(countingWriter{dst, n}, onlyReader{src}, *buf)
-	s.copyBufs.Put(buf)
+func (s *Stack) copyHalf(f *flow, dst, src net.Conn, wait func() error, n *atomic.Uint64) {
+	err := flows.Copy(dst, src, wait, &s.bufs, n)
 	if err != nil && !errors.Is(err, net.ErrClosed) {
 		f.close()
 		return
@@ -163,18 +176,48 @@ func (s *Stack) copyHalf(f *flow, dst, src net.Conn, n *atomic.Uint64) {
 	f.close()
 }
 
-type countingWriter struct {
-	w io.Writer
-	n *atomic.Uint64
+// clientTCP is the client side of a TCP flow: the gonet conn and its endpoint.
+type clientTCP struct {
+	*gonet.TCPConn
+	clientEnd
 }
 
-func (c countingWriter) Write(p []byte) (int, error) {
-	n, err := c.w.Write(p)
-	c.n.Add(uint64(n))
-	return n, err
+func (c *clientTCP) Close() error {
+	c.endWaits()
+	return c.TCPConn.Close()
 }
 
-// onlyReader hides src's WriterTo so io.CopyBuffer uses our buffer and counting writer.
-type onlyReader struct{ r io.Reader }
+// clientEnd is a flow's client endpoint and its queue, whose readiness the client-to-upstream
+// direction waits on before it takes a buffer, and a channel that ends those waits when the flow is
+// closed (a graceful close of the endpoint does not signal them).
+type clientEnd struct {
+	ep   tcpip.Endpoint
+	wq   *waiter.Queue
+	done chan struct{}
+	once sync.Once
+}
 
-func (o onlyReader) Read(p []byte) (int, error) { return o.r.Read(p) }
+func newClientEnd(ep tcpip.Endpoint, wq *waiter.Queue) clientEnd {
+	return clientEnd{ep: ep, wq: wq, done: make(chan struct{})}
+}
+
+// endWaits makes every wait return net.ErrClosed; it is idempotent.
+func (c *clientEnd) endWaits() { c.once.Do(func() { close(c.done) }) }
+
+// readWaiter returns a wait function for flows.Copy that blocks until the endpoint has something to
+// read (data, FIN or an error state) or endWaits was called, and a function that stops it.
+func (c *clientEnd) readWaiter() (wait func() error, stop func()) {
+	entry, ch := waiter.NewChannelEntry(waiter.ReadableEvents)
+	c.wq.EventRegister(&entry)
+	wait = func() error {
+		for c.ep.Readiness(waiter.ReadableEvents) == 0 {
+			select {
+			case <-ch:
+			case <-c.done:
+				return net.ErrClosed
+			}
+		}
+		return nil
+	}
+	return wait, func() { c.wq.EventUnregister(&entry) }
+}

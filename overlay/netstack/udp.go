@@ -7,22 +7,23 @@ import (
 	"net"
 	"net/netip"
 	"sync"
-	"sync/atomic"
 	"time"
 
+	"gvisor.dev/gvisor/pkg/tcpip"
 	"gvisor.dev/gvisor/pkg/tcpip/adapters/gonet"
 	"gvisor.dev/gvisor/pkg/tcpip/transport/udp"
 	"gvisor.dev/gvisor/pkg/waiter"
 
 	"github.com/edgewire/edgewire/discovery"
+	"github.com/edgewire/edgewire/overlay/internal/flows"
 )
 
-// maxDatagram is the largest UDP payload; relay buffers hold one whole datagram so none is truncated.
-const maxDatagram = 1<<16 - 1
-
 // handleUDP is the UDP forwarder's handler, called on gVisor's packet-processing goroutine for the first
-// datagram of a new (src, dst) pair. It creates the flow's endpoint at once, so the flow's next datagrams
-// queue there instead of starting more flows, and dials upstream in a goroutine of its own.
+// datagram of a new (src, dst) pair. It takes a slot of the client (src's address) in the UDP flow table,
+// evicting the client's least recently active flow if the client is at its cap and that flow is idle for
+// Config.UDPEvictIdle, or drops the datagram (counted) when no slot can be had. It then creates the flow's
+// endpoint at once, so the flow's next datagrams queue there (at most Config.UDPQueueBytes) instead of
+// starting more flows, and dials upstream in a goroutine of its own.
 func (s *Stack) handleUDP(r *udp.ForwarderRequest) {
 	if !s.enter() {
 		s.udpStats.droppedDatagrams.Add(1)
@@ -31,31 +32,78 @@ func (s *Stack) handleUDP(r *udp.ForwarderRequest) {
 	id := r.ID()
 	src := addrPort(id.RemoteAddress, id.RemotePort)
 	dst := addrPort(id.LocalAddress, id.LocalPort)
+	if !s.acquireUDP(src, dst) {
+		s.wg.Done()
+		s.udpStats.droppedDatagrams.Add(1)
+		return
+	}
 	var wq waiter.Queue
 	ep, terr := r.CreateEndpoint(&wq)
 	if terr != nil {
+		s.udpTable.Release(src.Addr())
 		s.wg.Done()
 		s.udpStats.refused.Add(1)
 		s.udpStats.droppedDatagrams.Add(1)
 		s.logf(slog.LevelDebug, "udp flow: create endpoint failed", "src", src, "dst", dst, "err", terr.String())
 		return
 	}
-	client := gonet.NewUDPConn(&wq, ep)
+	ep.SocketOptions().SetReceiveBufferSize(int64(s.cfg.UDPQueueBytes), false)
+	client := &clientUDP{UDPConn: gonet.NewUDPConn(&wq, ep), clientEnd: newClientEnd(ep, &wq)}
 	go func() {
 		defer s.wg.Done()
 		s.serveUDP(client, src, dst)
 	}()
 }
 
-// serveUDP dials upstream for a new UDP flow and relays datagrams both ways until the flow is idle for
-// Config.UDPIdleTimeout (see reapUDP), either side fails, or the Stack closes.
-func (s *Stack) serveUDP(client *gonet.UDPConn, srcAP, dstAP netip.AddrPort) {
+// acquireUDP takes a UDP flow slot of src's address, evicting one of its idle flows at its cap; it
+// reports false, having counted the refusal, when no slot can be had.
+func (s *Stack) acquireUDP(src, dst netip.AddrPort) bool {
+	c := src.Addr()
+	err := s.udpTable.Acquire(c)
+	if errors.Is(err, flows.ErrClientCap) {
+		if victim, ok := s.udpTable.Evict(c, time.Now().UnixNano(), s.cfg.UDPEvictIdle); ok {
+			victim.close() // its goroutines end and remove it
+			s.udpStats.evicted.Add(1)
+			err = s.udpTable.Acquire(c)
+		}
+	}
+	if err != nil {
+		s.countCap(&s.udpStats, "udp", src, dst, err)
+		return false
+	}
+	return true
+}
+
+// clientUDP is the client side of a UDP flow: the gonet conn and its endpoint.
+type clientUDP struct {
+	*gonet.UDPConn
+	clientEnd
+}
+
+func (c *clientUDP) Close() error {
+	c.endWaits()
+	return c.UDPConn.Close()
+}
+
+// queueDrops returns the datagrams the endpoint dropped because its queue was full.
+func (c *clientUDP) queueDrops() uint64 {
+	if st, ok := c.ep.Stats().(*tcpip.TransportEndpointStats); ok {
+		return st.ReceiveErrors.ReceiveBufferOverflow.Value()
+	}
+	return 0
+}
+
+// serveUDP dials upstream for a new UDP flow, which holds a slot of srcAP's address, and relays datagrams
+// both ways until the flow is idle for Config.UDPIdleTimeout (see reapUDP), is evicted, either side fails,
+// or the Stack closes.
+func (s *Stack) serveUDP(client *clientUDP, srcAP, dstAP netip.AddrPort) {
 	ctx, cancel := context.WithTimeout(s.ctx, s.cfg.ConnectTimeout)
 	up, err := s.cfg.Dialer.DialFlow(ctx, discovery.UDP, srcAP, dstAP)
 	cancel()
 	if err != nil {
+		s.udpTable.Release(srcAP.Addr())
 		s.udpStats.refused.Add(1)
-		s.udpStats.droppedDatagrams.Add(1 + drain(client))
+		s.udpStats.droppedDatagrams.Add(1 + drain(client.UDPConn))
 		s.logf(slog.LevelDebug, "udp flow refused", "src", srcAP, "dst", dstAP, "err", err)
 		client.Close()
 		return
@@ -64,13 +112,16 @@ func (s *Stack) serveUDP(client *gonet.UDPConn, srcAP, dstAP netip.AddrPort) {
 	f := &flow{client: client, upstream: up, udp: true}
 	f.lastActive.Store(time.Now().UnixNano())
 	if !s.addFlow(f) {
+		s.udpTable.Release(srcAP.Addr())
 		f.close()
 		return
 	}
+	s.udpTable.Attach(srcAP.Addr(), f)
 	s.udpStats.opened.Add(1)
 	s.udpStats.active.Add(1)
 	defer s.udpStats.active.Add(^uint64(0))
-	defer s.removeFlow(f)
+	defer s.udpTable.Detach(srcAP.Addr(), f)
+	defer s.removeUDPFlow(f, client)
 	defer f.close()
 
 	var wg sync.WaitGroup
@@ -79,33 +130,114 @@ func (s *Stack) serveUDP(client *gonet.UDPConn, srcAP, dstAP netip.AddrPort) {
 	go func() {
 		defer s.wg.Done()
 		defer wg.Done()
-		s.relayDatagrams(f, up, client, &s.udpStats.bytesUp)
+		s.relayFromUpstream(f, client, up)
 	}()
-	s.relayDatagrams(f, client, up, &s.udpStats.bytesDown)
+	s.relayFromClient(f, client, up)
 	wg.Wait()
 }
 
-// relayDatagrams copies datagrams from src to dst, one Read to one Write, until src fails or closes;
-// then it closes the flow. A failed Write drops (and counts) that datagram only.
-func (s *Stack) relayDatagrams(f *flow, dst, src net.Conn, bytes *atomic.Uint64) {
+// removeUDPFlow removes f, whose client side is client, from the flows Close closes, and counts its
+// queue's drops in the same critical section, so Stats (which adds those of open flows) counts them
+// once.
+func (s *Stack) removeUDPFlow(f *flow, client *clientUDP) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	s.udpStats.queueDrops.Add(client.queueDrops())
+	delete(s.flows, f)
+}
+
+// relayFromClient sends the client's datagrams upstream, one Read to one Write, until the client's side
+// fails or closes; then it closes the flow. It waits for the endpoint to be readable before it takes a
+// buffer, and gives the buffer back once the queue is empty. A failed Write drops (and counts) that
+// datagram only.
+func (s *Stack) relayFromClient(f *flow, client *clientUDP, up net.Conn) {
 	defer f.close()
-	buf := make([]byte, maxDatagram)
+	wait, stop := client.readWaiter()
+	defer stop()
 	for {
-		n, err := src.Read(buf)
+		if err := wait(); err != nil {
+			return
+		}
+		bp := s.bufs.Get()
+		err := s.sendQueued(f, client, up, *bp)
+		s.bufs.Put(bp)
 		if err != nil {
 			return
 		}
+	}
+}
+
+// sendQueued sends the datagrams queued on the client's endpoint upstream through buf, until the queue
+// is empty (nil) or the flow fails.
+func (s *Stack) sendQueued(f *flow, client *clientUDP, up net.Conn, buf []byte) error {
+	for client.ep.Readiness(waiter.ReadableEvents) != 0 {
+		n, err := client.Read(buf)
+		if err != nil {
+			return err
+		}
 		f.lastActive.Store(time.Now().UnixNano())
-		if _, err := dst.Write(buf[:n]); err != nil {
+		if _, err := up.Write(buf[:n]); err != nil {
 			if errors.Is(err, net.ErrClosed) {
-				return
+				return err
 			}
 			s.udpStats.droppedDatagrams.Add(1)
 			s.logf(slog.LevelDebug, "udp flow: dropped datagram", "err", err)
 			continue
 		}
-		bytes.Add(uint64(n))
+		s.udpStats.bytesUp.Add(uint64(n))
 	}
+	return nil
+}
+
+// relayFromUpstream sends the upstream's datagrams to the client, one Read to one Write, until the
+// upstream fails or closes; then it closes the flow. When up is a syscall.Conn (kernel sockets and the
+// forward Dialer's UDP conns are) it waits for a datagram before it takes a buffer; otherwise it holds
+// one for the life of the flow. A failed Write drops (and counts) that datagram only.
+func (s *Stack) relayFromUpstream(f *flow, client *clientUDP, up net.Conn) {
+	defer f.close()
+	wait := flows.SocketWaiter(up)
+	var held *[]byte
+	if wait == nil {
+		held = s.bufs.Get()
+		defer s.bufs.Put(held)
+	}
+	for {
+		if wait != nil {
+			if err := wait(); err != nil {
+				return
+			}
+		}
+		bp := held
+		if bp == nil {
+			bp = s.bufs.Get()
+		}
+		err := s.sendReply(f, client, up, *bp)
+		if held == nil {
+			s.bufs.Put(bp)
+		}
+		if err != nil {
+			return
+		}
+	}
+}
+
+// sendReply reads one datagram from up and writes it to the client through buf.
+func (s *Stack) sendReply(f *flow, client *clientUDP, up net.Conn, buf []byte) error {
+	n, err := up.Read(buf)
+	if err != nil {
+		return err
+	}
+	f.lastActive.Store(time.Now().UnixNano())
+	if _, err := client.Write(buf[:n]); err != nil {
+		if errors.Is(err, net.ErrClosed) {
+			return err
+		}
+		s.udpStats.droppedDatagrams.Add(1)
+		s.logf(slog.LevelDebug, "udp flow: dropped datagram", "err", err)
+		return nil
+	}
+	s.udpStats.bytesDown.Add(uint64(n))
+	return nil
 }
 
 // drain reads and counts the datagrams already queued on c without blocking.
@@ -114,7 +246,7 @@ func drain(c *gonet.UDPConn) uint64 {
 	if err := c.SetReadDeadline(time.Now()); err != nil {
 		return 0
 	}
-	buf := make([]byte, maxDatagram)
+	buf := make([]byte, flows.BufferSize)
 	for {
 		if _, err := c.Read(buf); err != nil {
 			return n

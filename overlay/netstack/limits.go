@@ -1,0 +1,64 @@
+package netstack
+
+import (
+	"errors"
+	"log/slog"
+	"net/netip"
+
+	"github.com/edgewire/edgewire/overlay/internal/flows"
+)
+
+// flowDefaults fills in the zero flow caps of cfg, whose UDPIdleTimeout is already set.
+func flowDefaults(cfg Config) Config {
+	if cfg.MaxTCPFlows <= 0 || cfg.MaxUDPFlows <= 0 {
+		fds := flows.FDLimit()
+		if cfg.MaxTCPFlows <= 0 {
+			cfg.MaxTCPFlows = DefaultMaxTCPFlows(fds)
+		}
+		if cfg.MaxUDPFlows <= 0 {
+			cfg.MaxUDPFlows = DefaultMaxUDPFlows(fds)
+		}
+	}
+	if cfg.MaxTCPFlowsPerClient <= 0 {
+		cfg.MaxTCPFlowsPerClient = max(cfg.MaxTCPFlows/4, 1)
+	}
+	if cfg.MaxUDPFlowsPerClient <= 0 {
+		cfg.MaxUDPFlowsPerClient = max(cfg.MaxUDPFlows/4, 1)
+	}
+	cfg.MaxTCPFlowsPerClient = min(cfg.MaxTCPFlowsPerClient, cfg.MaxTCPFlows)
+	cfg.MaxUDPFlowsPerClient = min(cfg.MaxUDPFlowsPerClient, cfg.MaxUDPFlows)
+	if cfg.UDPEvictIdle <= 0 {
+		cfg.UDPEvictIdle = cfg.UDPIdleTimeout / 4
+	}
+	if cfg.UDPQueueBytes <= 0 {
+		cfg.UDPQueueBytes = DefaultUDPQueueBytes
+	}
+	return cfg
+}
+
+// countCap counts a flow refused for err, flows.ErrClientCap or flows.ErrTotalCap, in c and logs it
+// (rate-limited).
+func (s *Stack) countCap(c *flowCounters, proto string, src, dst netip.AddrPort, err error) {
+	if errors.Is(err, flows.ErrClientCap) {
+		c.capClient.Add(1)
+	} else {
+		c.capTotal.Add(1)
+	}
+	s.logf(slog.LevelWarn, proto+" flow over the cap, refused", "src", src, "dst", dst, "err", err)
+}
+
+// LastActive implements flows.Flow for the UDP flow table.
+func (f *flow) LastActive() int64 { return f.lastActive.Load() }
+
+// udpSnapshot returns the UDP FlowStats, with the queue drops of the flows still open.
+func (s *Stack) udpSnapshot() FlowStats {
+	st := snapshot(&s.udpStats, s.udpTable)
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	for f := range s.flows {
+		if c, ok := f.client.(*clientUDP); ok {
+			st.QueueDrops += c.queueDrops()
+		}
+	}
+	return st
+}
