@@ -396,7 +396,7 @@ func (c *Client) learnPeer(ctx context.Context, hostPort string) (peer.ID, []ma.
 func (c *Client) register(ctx context.Context, i int, st network.Stream) (*clientConn, time.Duration, error) {
 	deadline, _ := ctx.Deadline()
 	st.SetDeadline(deadline)
-	m, err := readFrame(st)
+	m, err := readFrame(st, maxPreAuthFrame)
 	if err != nil {
 		return nil, 0, fmt.Errorf("read challenge: %w", err)
 	}
@@ -428,7 +428,7 @@ func (c *Client) register(ctx context.Context, i int, st network.Stream) (*clien
 	if err != nil {
 		return nil, 0, err
 	}
-	m, err = readFrame(st)
+	m, err = readFrame(st, maxPreAuthFrame)
 	if err != nil {
 		return nil, 0, fmt.Errorf("read welcome: %w", err)
 	}
@@ -475,7 +475,7 @@ func remoteIP(m ma.Multiaddr) (netip.Addr, error) {
 func (c *Client) serve(i int, cc *clientConn, keepalive time.Duration) error {
 	for {
 		cc.stream.SetReadDeadline(time.Now().Add(3 * keepalive))
-		m, err := readFrame(cc.stream)
+		m, err := readFrame(cc.stream, MaxControlFrame)
 		if err != nil {
 			return fmt.Errorf("read: %w", err)
 		}

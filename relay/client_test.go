@@ -41,7 +41,7 @@ func impostor(t *testing.T) (h host.Host, registers *atomic.Int64) {
 		defer st.Reset()
 		nonce, _ := newNonce()
 		writeFrame(st, &message{Type: msgChallenge, Nonce: base64.StdEncoding.EncodeToString(nonce)})
-		m, err := readFrame(st)
+		m, err := readFrame(st, MaxControlFrame)
 		if err != nil || m.Type != msgRegister {
 			return
 		}
@@ -50,7 +50,7 @@ func impostor(t *testing.T) (h host.Host, registers *atomic.Int64) {
 			UDPPort: 9, KeepaliveMs: 1000, RelayProof: base64.StdEncoding.EncodeToString(make([]byte, 32))})
 		writeFrame(st, &message{Type: msgDirectory, Nodes: []DirEntry{{Name: "evil", ID: 2,
 			WireGuardKey: base64.StdEncoding.EncodeToString(make([]byte, 32))}}})
-		readFrame(st)
+		readFrame(st, MaxControlFrame)
 	})
 	return h, registers
 }
@@ -171,7 +171,8 @@ func TestMalformedControl(t *testing.T) {
 		send       []byte // then this
 		wantReason string // refusal reason counted, or "" for a malformed frame after registering
 	}{
-		{name: "oversize frame", send: lengthOnly(MaxControlFrame + 1), wantReason: refuseMalformed},
+		{name: "oversize frame", send: lengthOnly(MaxControlFrame + 1), wantReason: refuseTooLarge},
+		{name: "over the pre-auth cap", send: lengthOnly(maxPreAuthFrame + 1), wantReason: refuseTooLarge},
 		{name: "not JSON", send: frame("{nope"), wantReason: refuseMalformed},
 		{name: "no type", send: frame(`{"name":"x"}`), wantReason: refuseMalformed},
 		{name: "punch before register", send: frame(`{"type":"punch","peer":"a"}`), wantReason: refuseMalformed},
@@ -195,7 +196,7 @@ func TestMalformedControl(t *testing.T) {
 			}
 			defer st.Reset()
 			st.SetDeadline(time.Now().Add(15 * time.Second))
-			challenge, err := readFrame(st)
+			challenge, err := readFrame(st, MaxControlFrame)
 			if err != nil || challenge.Type != msgChallenge {
 				t.Fatalf("challenge: %v %v", challenge, err)
 			}
@@ -207,7 +208,7 @@ func TestMalformedControl(t *testing.T) {
 			badBefore := s.metrics.streamBad.Load()
 			if tc.register {
 				st.Write(goodRegister(st, challenge))
-				if m, err := readFrame(st); err != nil || m.Type != msgWelcome {
+				if m, err := readFrame(st, MaxControlFrame); err != nil || m.Type != msgWelcome {
 					t.Fatalf("welcome: %v %v", m, err)
 				}
 			}
@@ -217,7 +218,7 @@ func TestMalformedControl(t *testing.T) {
 			}
 			// The relay may answer with an error frame; either way it ends the stream.
 			for {
-				if _, err := readFrame(st); err != nil {
+				if _, err := readFrame(st, MaxControlFrame); err != nil {
 					break
 				}
 			}

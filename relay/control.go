@@ -20,8 +20,19 @@ import (
 // ProtocolID is the libp2p protocol of the control stream.
 const ProtocolID = "/edgewire/relay/1.0.0"
 
-// MaxControlFrame is the largest control frame body either side accepts.
+// MaxControlFrame is the largest control frame body either side accepts once the other side has
+// proved the join token.
 const MaxControlFrame = 1 << 20
+
+// maxPreAuthFrame is the largest control frame body either side accepts before the other side has
+// proved the join token: the relay for the register, the node for the challenge and the welcome
+// (or an error). The largest valid register (a 253-character name, 16 IPv6 LAN addresses with
+// zones) is under 2 KiB; TestPreAuthFrameFitsRegister checks it.
+const maxPreAuthFrame = 8 << 10
+
+// frameReadChunk is how much of a frame body readFrame allocates before the bytes arrive; the
+// buffer grows (doubling) only as the body does, so a length prefix alone reserves nothing.
+const frameReadChunk = 4 << 10
 
 // Control message types.
 const (
@@ -139,20 +150,32 @@ func sortEntries(nodes []DirEntry) {
 	slices.SortFunc(nodes, func(a, b DirEntry) int { return cmp.Compare(a.ID, b.ID) })
 }
 
-// readFrame reads one control frame. A frame larger than MaxControlFrame, a body that is not a JSON
-// object, or one without a type is an error wrapping ErrControl; I/O errors are returned as is.
-func readFrame(r io.Reader) (*message, error) {
+// errFrameTooLarge is wrapped (with ErrControl) by readFrame's error for a length over its limit.
+var errFrameTooLarge = errors.New("frame too large")
+
+// readFrame reads one control frame of at most limit bytes. A larger frame (refused from its
+// length prefix, before anything is allocated for it), a body that is not a JSON object, or one
+// without a type is an error wrapping ErrControl; I/O errors are returned as is. The body buffer
+// grows with the bytes that arrive, not with the length the peer announced.
+func readFrame(r io.Reader, limit uint32) (*message, error) {
 	var hdr [4]byte
 	if _, err := io.ReadFull(r, hdr[:]); err != nil {
 		return nil, err
 	}
-	n := binary.BigEndian.Uint32(hdr[:])
-	if n > MaxControlFrame {
-		return nil, fmt.Errorf("%w: frame of %d bytes exceeds %d", ErrControl, n, MaxControlFrame)
+	n := int(binary.BigEndian.Uint32(hdr[:]))
+	if n > int(limit) {
+		return nil, fmt.Errorf("%w: %w: %d bytes exceeds %d", ErrControl, errFrameTooLarge, n, limit)
 	}
-	body := make([]byte, n)
-	if _, err := io.ReadFull(r, body); err != nil {
-		return nil, fmt.Errorf("frame body: %w", err)
+	body := make([]byte, 0, min(n, frameReadChunk))
+	for len(body) < n {
+		if len(body) == cap(body) {
+			body = slices.Grow(body, min(n-len(body), len(body)))
+		}
+		k, err := io.ReadFull(r, body[len(body):min(cap(body), n)])
+		body = body[:len(body)+k]
+		if err != nil {
+			return nil, fmt.Errorf("frame body: %w", err)
+		}
 	}
 	m := new(message)
 	if err := json.Unmarshal(body, m); err != nil {

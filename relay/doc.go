@@ -19,8 +19,10 @@
 //
 // Each node keeps one long-lived libp2p stream to each relay, protocol ID /edgewire/relay/1.0.0.
 // Frames are a 4-byte big-endian length followed by that many bytes of a JSON object with a
-// "type" field; a length over 1 MiB (MaxControlFrame) or a body that is not such an object is a
-// protocol error and ends the stream. Binary values (nonces, keys, proofs) are standard base64;
+// "type" field; a length over 1 MiB (MaxControlFrame), or over 8 KiB before the other side has
+// proved the join token (the challenge, the register, the welcome), or a body that is not such an
+// object is a protocol error and ends the stream. A frame is refused from its length alone, and
+// its buffer grows with the bytes that arrive, not with the length announced. Binary values (nonces, keys, proofs) are standard base64;
 // addresses are strings ("fd65::1", "192.0.2.1:51820"). Unknown fields are ignored; unknown types
 // are ignored (and counted by the relay).
 //
@@ -68,6 +70,25 @@
 //
 // Keepalive: the relay's ping every T doubles as liveness; either side closes a stream silent for
 // 3T. The client re-dials with back-off (200 ms doubling to 5 s) and registers again.
+//
+// Frames wait for a node's writer in a queue of 64 (pongs, punches; more are dropped and counted)
+// and one directory slot: a newer directory replaces one not yet written (counted). A node that
+// does not take a write within 10 s is closed (counted as slow).
+//
+// # What strangers can make the relay hold
+//
+// Until a node has registered, the relay bounds what its peer can make it hold (Limits, gate.go,
+// resources.go): control streams being registered, in total (64) and per source address (an IPv4
+// address or IPv6 /64: 8), each with frames of at most 8 KiB and closed RegisterTimeout (10 s)
+// after it opened however its bytes trickle; connections on which no node is registered, in total
+// (256) and per source address (32), each closed RegisterTimeout after its handshake unless a node
+// registers on it (and again when its last session ends); and, in libp2p's resource manager,
+// connections per source address (1024, loopback included) opened at 10 a second (burst 32), 4
+// connections, 16 streams and 4 control streams per peer, yamux windows kept at 256 KiB, and
+// totals sized from MaxNodes plus the caps above, not from the machine's memory. No connection
+// manager trims registered nodes' connections. Every refusal is counted by reason in
+// edgewire_relay_registrations_refused_total (frame_too_large, timeout, ...),
+// edgewire_relay_unauth_refused_total and edgewire_relay_libp2p_refused_total.
 //
 // # UDP frames
 //

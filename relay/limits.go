@@ -28,8 +28,33 @@ type Limits struct {
 	// KeepAlive is the interval of the relay's pings on each control stream (default 5 s); a stream
 	// silent for three intervals is closed.
 	KeepAlive time.Duration
-	// RegisterTimeout bounds the time from the stream's opening to a valid register (default 10 s).
+	// RegisterTimeout bounds the time from a control stream's opening to a valid register, however
+	// slowly its bytes arrive, and the life of a connection on which no node registers (default
+	// 10 s). Both are closed then and counted.
 	RegisterTimeout time.Duration
+
+	// What peers that have not registered (strangers, and nodes in the middle of registering) can
+	// make the relay hold. Each is enforced on top of libp2p's resource manager (resources.go) and
+	// counted by reason when it refuses (edgewire_relay_unauth_refused_total).
+	//
+	// MaxUnauthStreams caps their control streams in total (default 64), MaxUnauthStreamsPerIP
+	// per source address, an IPv4 address or an IPv6 /64 (default 8). A stream over either cap is
+	// reset at once. A stream within them holds at most 8 KiB of frame (maxPreAuthFrame) and
+	// what yamux buffers for it (up to its 256 KiB window) for at most RegisterTimeout.
+	MaxUnauthStreams      int
+	MaxUnauthStreamsPerIP int
+	// MaxUnauthConns caps the libp2p connections on which no node is registered, in total (default
+	// 256); MaxUnauthConnsPerIP per source address (default 32). A connection over either cap is
+	// closed as soon as its handshake completes; one on which no node has registered within
+	// RegisterTimeout is closed then.
+	MaxUnauthConns      int
+	MaxUnauthConnsPerIP int
+	// MaxConnsPerIP caps every libp2p connection from one source address, registered or not,
+	// before its handshake is even attempted (default 1024: nodes behind one NAT share it).
+	// ConnRatePerIP is how many new connections per second one source address may open (default
+	// 10, with a burst of MaxUnauthConnsPerIP).
+	MaxConnsPerIP int
+	ConnRatePerIP float64
 }
 
 // DefaultLimits returns the limits used for zero fields.
@@ -42,6 +67,13 @@ func DefaultLimits() Limits {
 		MaxNodes:        10000,
 		KeepAlive:       5 * time.Second,
 		RegisterTimeout: 10 * time.Second,
+
+		MaxUnauthStreams:      64,
+		MaxUnauthStreamsPerIP: 8,
+		MaxUnauthConns:        256,
+		MaxUnauthConnsPerIP:   32,
+		MaxConnsPerIP:         1024,
+		ConnRatePerIP:         10,
 	}
 }
 
@@ -68,6 +100,24 @@ func (l Limits) withDefaults() Limits {
 	}
 	if l.RegisterTimeout <= 0 {
 		l.RegisterTimeout = d.RegisterTimeout
+	}
+	if l.MaxUnauthStreams <= 0 {
+		l.MaxUnauthStreams = d.MaxUnauthStreams
+	}
+	if l.MaxUnauthStreamsPerIP <= 0 {
+		l.MaxUnauthStreamsPerIP = d.MaxUnauthStreamsPerIP
+	}
+	if l.MaxUnauthConns <= 0 {
+		l.MaxUnauthConns = d.MaxUnauthConns
+	}
+	if l.MaxUnauthConnsPerIP <= 0 {
+		l.MaxUnauthConnsPerIP = d.MaxUnauthConnsPerIP
+	}
+	if l.MaxConnsPerIP <= 0 {
+		l.MaxConnsPerIP = d.MaxConnsPerIP
+	}
+	if l.ConnRatePerIP <= 0 {
+		l.ConnRatePerIP = d.ConnRatePerIP
 	}
 	return l
 }

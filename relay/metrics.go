@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"io"
 	"net/http"
+	"runtime"
 	"sort"
 	"sync/atomic"
 )
@@ -30,7 +31,26 @@ const (
 	refuseMalformed  = "malformed"
 	refuseFull       = "full"
 	refuseNoRegister = "no_register"
+	refuseTimeout    = "timeout"
+	refuseTooLarge   = "frame_too_large"
 	refuseInternal   = "internal"
+)
+
+// Reasons a frame for a registered node's control stream is dropped.
+const dropQueueFull = "queue_full"
+
+// Scopes of libp2p's resource manager that refused something (resources.go).
+const (
+	rmConn         = "conn"
+	rmConnPerIP    = "conn_per_ip"
+	rmConnRate     = "conn_rate"
+	rmStream       = "stream"
+	rmPeer         = "peer"
+	rmProtocol     = "protocol"
+	rmProtocolPeer = "protocol_peer"
+	rmService      = "service"
+	rmServicePeer  = "service_peer"
+	rmMemory       = "memory"
 )
 
 // metrics are the server's counters; the maps are filled in newMetrics and never change after.
@@ -44,7 +64,14 @@ type metrics struct {
 	streamBad    atomic.Uint64 // malformed frames on registered streams
 	punches      atomic.Uint64
 	punchDropped atomic.Uint64
-	slowStreams  atomic.Uint64
+	slowStreams  atomic.Uint64 // control streams closed because a write timed out
+	// unauthRefused counts connections and streams of unregistered peers refused or closed by
+	// the gate (gate.go), by reason; libp2pRefused what libp2p's resource manager refused, by
+	// scope.
+	unauthRefused  map[string]*atomic.Uint64
+	libp2pRefused  map[string]*atomic.Uint64
+	controlDropped map[string]*atomic.Uint64 // frames for registered nodes dropped, by reason
+	dirSuperseded  atomic.Uint64             // directory frames replaced by a newer one before being written
 }
 
 func newMetrics() *metrics {
@@ -53,6 +80,10 @@ func newMetrics() *metrics {
 		udpOut:     map[byte]*atomic.Uint64{},
 		udpDropped: map[string]*atomic.Uint64{},
 		refused:    map[string]*atomic.Uint64{},
+
+		unauthRefused:  map[string]*atomic.Uint64{},
+		libp2pRefused:  map[string]*atomic.Uint64{},
+		controlDropped: map[string]*atomic.Uint64{dropQueueFull: new(atomic.Uint64)},
 	}
 	for _, t := range []byte{0, FrameBind, FrameBindAck, FrameData, FramePing, FramePong} {
 		m.udpIn[t] = new(atomic.Uint64)
@@ -63,8 +94,15 @@ func newMetrics() *metrics {
 		m.udpDropped[r] = new(atomic.Uint64)
 	}
 	for _, r := range []string{refuseBadProof, refuseACL, refuseBound, refuseMalformed, refuseFull,
-		refuseNoRegister, refuseInternal} {
+		refuseNoRegister, refuseTimeout, refuseTooLarge, refuseInternal} {
 		m.refused[r] = new(atomic.Uint64)
+	}
+	for _, r := range []string{gateConnsTotal, gateConnsPerIP, gateConnTimeout, gateStreamsTotal, gateStreamsPerIP} {
+		m.unauthRefused[r] = new(atomic.Uint64)
+	}
+	for _, r := range []string{rmConn, rmConnPerIP, rmConnRate, rmStream, rmPeer, rmProtocol, rmProtocolPeer,
+		rmService, rmServicePeer, rmMemory} {
+		m.libp2pRefused[r] = new(atomic.Uint64)
 	}
 	return m
 }
@@ -95,12 +133,26 @@ func frameName(t byte) string {
 	return "other"
 }
 
+// gauges are the values writeText reports as they are now.
+type gauges struct {
+	nodes         int // registered nodes
+	unauthConns   int // connections with no registered node
+	unauthStreams int // control streams being registered
+	goroutines    int
+}
+
 // writeText writes the counters in the Prometheus text exposition format.
-func (m *metrics) writeText(w io.Writer, nodes int) error {
+func (m *metrics) writeText(w io.Writer, g gauges) error {
 	bw := bufio.NewWriter(w)
 	p := func(format string, a ...any) { fmt.Fprintf(bw, format, a...) }
 	p("# HELP edgewire_relay_nodes Nodes with a live registration.\n# TYPE edgewire_relay_nodes gauge\n")
-	p("edgewire_relay_nodes %d\n", nodes)
+	p("edgewire_relay_nodes %d\n", g.nodes)
+	p("# HELP edgewire_relay_unauth_conns libp2p connections on which no node is registered.\n# TYPE edgewire_relay_unauth_conns gauge\n")
+	p("edgewire_relay_unauth_conns %d\n", g.unauthConns)
+	p("# HELP edgewire_relay_unauth_streams Control streams not yet registered.\n# TYPE edgewire_relay_unauth_streams gauge\n")
+	p("edgewire_relay_unauth_streams %d\n", g.unauthStreams)
+	p("# HELP go_goroutines Number of goroutines that currently exist.\n# TYPE go_goroutines gauge\n")
+	p("go_goroutines %d\n", g.goroutines)
 	p("# HELP edgewire_relay_registrations_total Successful registrations.\n# TYPE edgewire_relay_registrations_total counter\n")
 	p("edgewire_relay_registrations_total %d\n", m.registered.Load())
 	p("# HELP edgewire_relay_registrations_refused_total Refused registrations by reason.\n# TYPE edgewire_relay_registrations_refused_total counter\n")
@@ -109,8 +161,22 @@ func (m *metrics) writeText(w io.Writer, nodes int) error {
 	}
 	p("# HELP edgewire_relay_control_malformed_total Malformed frames on registered control streams.\n# TYPE edgewire_relay_control_malformed_total counter\n")
 	p("edgewire_relay_control_malformed_total %d\n", m.streamBad.Load())
-	p("# HELP edgewire_relay_control_slow_total Control streams closed for not keeping up.\n# TYPE edgewire_relay_control_slow_total counter\n")
+	p("# HELP edgewire_relay_unauth_refused_total Connections and control streams of unregistered peers refused or closed, by reason.\n# TYPE edgewire_relay_unauth_refused_total counter\n")
+	for _, r := range sortedKeys(m.unauthRefused) {
+		p("edgewire_relay_unauth_refused_total{reason=%q} %d\n", r, m.unauthRefused[r].Load())
+	}
+	p("# HELP edgewire_relay_libp2p_refused_total Connections, streams and memory refused by libp2p's resource manager, by scope.\n# TYPE edgewire_relay_libp2p_refused_total counter\n")
+	for _, r := range sortedKeys(m.libp2pRefused) {
+		p("edgewire_relay_libp2p_refused_total{scope=%q} %d\n", r, m.libp2pRefused[r].Load())
+	}
+	p("# HELP edgewire_relay_control_slow_total Control streams closed because a write did not finish in time.\n# TYPE edgewire_relay_control_slow_total counter\n")
 	p("edgewire_relay_control_slow_total %d\n", m.slowStreams.Load())
+	p("# HELP edgewire_relay_control_dropped_total Frames for registered nodes dropped, by reason.\n# TYPE edgewire_relay_control_dropped_total counter\n")
+	for _, r := range sortedKeys(m.controlDropped) {
+		p("edgewire_relay_control_dropped_total{reason=%q} %d\n", r, m.controlDropped[r].Load())
+	}
+	p("# HELP edgewire_relay_directory_superseded_total Directory frames replaced by a newer one before being written.\n# TYPE edgewire_relay_directory_superseded_total counter\n")
+	p("edgewire_relay_directory_superseded_total %d\n", m.dirSuperseded.Load())
 	p("# HELP edgewire_relay_udp_frames_in_total UDP datagrams received by frame type.\n# TYPE edgewire_relay_udp_frames_in_total counter\n")
 	for _, t := range sortedTypes(m.udpIn) {
 		p("edgewire_relay_udp_frames_in_total{type=%q} %d\n", frameName(t), m.udpIn[t].Load())
@@ -155,7 +221,9 @@ func (s *Server) metricsHandler() http.Handler {
 	mux := http.NewServeMux()
 	mux.HandleFunc("/metrics", func(w http.ResponseWriter, _ *http.Request) {
 		w.Header().Set("Content-Type", "text/plain; version=0.0.4; charset=utf-8")
-		s.metrics.writeText(w, s.nodeCount())
+		conns, streams := s.gate.counts()
+		s.metrics.writeText(w, gauges{nodes: s.nodeCount(), unauthConns: conns, unauthStreams: streams,
+			goroutines: runtime.NumGoroutine()})
 	})
 	return mux
 }

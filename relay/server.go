@@ -61,6 +61,7 @@ type Server struct {
 	id      peer.ID
 	binds   *bindings
 	metrics *metrics
+	gate    *gate
 	epoch   time.Time
 	adverts []ma.Multiaddr
 	dirty   chan struct{} // a directory push is due
@@ -133,14 +134,18 @@ func NewServer(cfg ServerConfig) (*Server, error) {
 	if log == nil {
 		log = slog.New(slog.DiscardHandler)
 	}
+	log = log.With("component", "relay")
+	limits := cfg.Limits.withDefaults()
+	m := newMetrics()
 	return &Server{
-		log:      log.With("component", "relay"),
+		log:      log,
 		cfg:      cfg,
-		limits:   cfg.Limits.withDefaults(),
+		limits:   limits,
 		priv:     priv,
 		id:       id,
 		binds:    binds,
-		metrics:  newMetrics(),
+		metrics:  m,
+		gate:     newGate(limits, m, log),
 		epoch:    time.Now(),
 		adverts:  adverts,
 		dirty:    make(chan struct{}, 1),
@@ -237,6 +242,15 @@ func (s *Server) Start() error {
 	var gro bool
 	s.udpGSO, gro = setupSocket(udp)
 	s.udpPC = newBatchConn(udp)
+	// The host accepts connections from the moment it exists: those that came before the gate
+	// was told about connections are handed to it too (connected ignores a repeat).
+	h.Network().Notify(&network.NotifyBundle{
+		ConnectedF:    func(_ network.Network, c network.Conn) { s.gate.connected(c) },
+		DisconnectedF: func(_ network.Network, c network.Conn) { s.gate.disconnected(c) },
+	})
+	for _, c := range h.Network().Conns() {
+		s.gate.connected(c)
+	}
 	h.SetStreamHandler(ProtocolID, s.handleStream)
 	s.wg.Go(s.readUDP)
 	s.wg.Go(s.pushDirectory)
@@ -259,6 +273,13 @@ func (s *Server) listen() (*net.UDPConn, host.Host, error) {
 			return nil, nil, fmt.Errorf("udp socket: %w", err)
 		}
 		port := udp.LocalAddr().(*net.UDPAddr).Port
+		if s.cfg.ListenPort == 0 && !tcpPortFree(ip, port) {
+			// libp2p leaks the goroutines of a host that fails to listen: try another port
+			// before asking it.
+			udp.Close()
+			lastErr = fmt.Errorf("tcp port %d in use", port)
+			continue
+		}
 		h, err := s.newHost(port)
 		if err == nil {
 			return udp, h, nil
@@ -270,6 +291,16 @@ func (s *Server) listen() (*net.UDPConn, host.Host, error) {
 		}
 	}
 	return nil, nil, lastErr
+}
+
+// tcpPortFree reports whether a TCP listener on ip (nil: all addresses) and port can be opened.
+func tcpPortFree(ip net.IP, port int) bool {
+	ln, err := net.ListenTCP("tcp", &net.TCPAddr{IP: ip, Port: port})
+	if err != nil {
+		return false
+	}
+	ln.Close()
+	return true
 }
 
 func (s *Server) newHost(port int) (host.Host, error) {
@@ -292,20 +323,29 @@ func (s *Server) newHost(port int) (host.Host, error) {
 			return addrs
 		}),
 	}
-	h, err := libp2p.New(append(opts, hostOptions()...)...)
+	server, err := serverHostOptions(s.limits, s.metrics)
+	if err != nil {
+		return nil, err
+	}
+	h, err := libp2p.New(append(opts, server...)...)
 	if err != nil {
 		return nil, fmt.Errorf("libp2p host on port %d: %w", port, err)
 	}
 	return h, nil
 }
 
-// hostOptions are the libp2p options both ends use: TCP, Noise, yamux, and nothing else (naming
-// a transport, a security protocol and a muxer replaces libp2p's default lists).
+// hostOptions are the libp2p options of the client's host: TCP, Noise, yamux, and nothing else
+// (naming a transport, a security protocol and a muxer replaces libp2p's default lists). The
+// relay's host has its own muxer settings and resources (serverHostOptions).
 func hostOptions() []libp2p.Option {
+	return append(commonHostOptions(), libp2p.Muxer(yamux.ID, yamux.DefaultTransport))
+}
+
+// commonHostOptions are the libp2p options both ends use.
+func commonHostOptions() []libp2p.Option {
 	return []libp2p.Option{
 		libp2p.Transport(tcp.NewTCPTransport),
 		libp2p.Security(noise.ID, noise.New),
-		libp2p.Muxer(yamux.ID, yamux.DefaultTransport),
 		libp2p.DisableRelay(),
 		libp2p.DisableMetrics(),
 		libp2p.Ping(false),
@@ -348,6 +388,7 @@ func (s *Server) Close() error {
 			errs = append(errs, fmt.Errorf("metrics server: %w", err))
 		}
 	}
+	s.gate.close()
 	s.wg.Wait()
 	if err := errors.Join(errs...); err != nil {
 		return fmt.Errorf("relay server: close: %w", err)
@@ -399,7 +440,7 @@ func (s *Server) pushDirectory() {
 			continue
 		}
 		for _, sess := range sessions {
-			sess.send(frame)
+			sess.sendDirectory(frame)
 		}
 	}
 }

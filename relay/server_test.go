@@ -223,6 +223,14 @@ func TestMetricsEndpoint(t *testing.T) {
 		"edgewire_relay_registrations_total 1\n",
 		`edgewire_relay_udp_frames_dropped_total{reason="rate_limited"} 0`,
 		"# TYPE edgewire_relay_bytes_relayed_total counter\n",
+		"edgewire_relay_unauth_conns 0\n",
+		"edgewire_relay_unauth_streams 0\n",
+		`edgewire_relay_unauth_refused_total{reason="streams_per_ip"} 0`,
+		`edgewire_relay_libp2p_refused_total{scope="conn_per_ip"} 0`,
+		`edgewire_relay_registrations_refused_total{reason="frame_too_large"} 0`,
+		`edgewire_relay_control_dropped_total{reason="queue_full"} 0`,
+		"edgewire_relay_directory_superseded_total ",
+		"\ngo_goroutines ",
 	} {
 		if !strings.Contains(string(body), want) {
 			t.Errorf("/metrics lacks %q:\n%s", want, body)

@@ -5,6 +5,7 @@ import (
 	"encoding/base64"
 	"errors"
 	"fmt"
+	"net"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -20,14 +21,19 @@ type session struct {
 	reg    Registration
 	id     uint32
 	udp    *udpNode
-	out    chan []byte // encoded frames for the writer
-	done   chan struct{}
-	once   sync.Once
-	rtt    atomic.Int64 // last measured round trip in nanoseconds; 0 = unknown
-	punch  bucket       // punch request limit; only the session's reader touches it
+	out    chan []byte // encoded frames for the writer (pongs, punches): at most outQueue
+	// dir is the latest directory frame not yet written: a newer one replaces it, so a slow node
+	// holds one directory, not one per change. dirReady wakes the writer.
+	dir      atomic.Pointer[[]byte]
+	dirReady chan struct{}
+	done     chan struct{}
+	once     sync.Once
+	rtt      atomic.Int64 // last measured round trip in nanoseconds; 0 = unknown
+	punch    bucket       // punch request limit; only the session's reader touches it
 }
 
-// outQueue is how many frames may wait for a node's writer before the node counts as too slow.
+// outQueue is how many frames other than the directory may wait for a node's writer; more are
+// dropped and counted.
 const outQueue = 64
 
 // writeTimeout bounds each write on a control stream.
@@ -41,19 +47,33 @@ func (ss *session) close() {
 	})
 }
 
-// send queues an encoded frame; a node whose queue is full is disconnected.
+// send queues an encoded frame; when the node's queue is full the frame is dropped and counted
+// (the sender never waits for a node). A node that does not read at all is closed by the writer's
+// deadline.
 func (ss *session) send(frame []byte) {
 	select {
 	case ss.out <- frame:
 	case <-ss.done:
 	default:
-		ss.srv.metrics.slowStreams.Add(1)
-		ss.srv.log.Warn("control stream not keeping up, closing", "node", ss.reg.Name)
-		ss.close()
+		ss.srv.metrics.controlDropped[dropQueueFull].Add(1)
 	}
 }
 
-// handleStream serves one control stream: registration, then the session.
+// sendDirectory makes frame the node's next directory, replacing (and counting) one not yet
+// written.
+func (ss *session) sendDirectory(frame []byte) {
+	if old := ss.dir.Swap(&frame); old != nil {
+		ss.srv.metrics.dirSuperseded.Add(1)
+	}
+	select {
+	case ss.dirReady <- struct{}{}:
+	default:
+	}
+}
+
+// handleStream serves one control stream: registration, then the session. Until the node has
+// registered, the stream is one of the gate's: within its caps, with frames of at most
+// maxPreAuthFrame, for at most RegisterTimeout.
 func (s *Server) handleStream(st network.Stream) {
 	s.mu.Lock()
 	if s.closed {
@@ -71,21 +91,53 @@ func (s *Server) handleStream(st network.Stream) {
 		s.wg.Done()
 	}()
 
+	release, reason := s.gate.admitStream(st.Conn())
+	if reason != "" {
+		s.metrics.unauthRefused[reason].Add(1)
+		st.Reset()
+		return
+	}
 	sess, reason, err := s.register(st)
+	if err == nil {
+		// Before release: while the stream is pending, the connection's expiry waits for it.
+		s.gate.authenticated(st.Conn())
+	}
+	release()
 	if err != nil {
 		s.metrics.refused[reason].Add(1)
 		s.log.Info("registration refused", "peer", st.Conn().RemotePeer().String(), "reason", reason, "err", err)
-		st.SetWriteDeadline(time.Now().Add(time.Second))
-		writeFrame(st, &message{Type: msgError, Reason: err.Error()})
-		st.Close()
+		if reason != refuseTimeout {
+			st.SetWriteDeadline(time.Now().Add(time.Second))
+			writeFrame(st, &message{Type: msgError, Reason: truncate(err.Error(), maxReasonLen)})
+			st.Close()
+		}
 		// An unregistered peer gets nothing more: drop its connection.
 		st.Conn().Close()
 		return
 	}
+	defer s.gate.sessionEnded(st.Conn())
 	defer s.unregister(sess)
 	s.wg.Go(func() { sess.writeLoop() })
 	err = sess.readLoop()
 	s.log.Info("node disconnected", "node", sess.reg.Name, "id", sess.id, "err", err)
+}
+
+// maxReasonLen bounds the reason of an error frame sent before registration, well within
+// maxPreAuthFrame.
+const maxReasonLen = 1 << 10
+
+// truncate returns s cut to at most n bytes.
+func truncate(s string, n int) string {
+	if len(s) <= n {
+		return s
+	}
+	return s[:n]
+}
+
+// isTimeout reports whether err is a deadline passing.
+func isTimeout(err error) bool {
+	var ne net.Error
+	return errors.As(err, &ne) && ne.Timeout()
 }
 
 // register runs the registration handshake. On failure it returns the refusal reason.
@@ -100,11 +152,15 @@ func (s *Server) register(st network.Stream) (*session, string, error) {
 	if err := writeFrame(st, &message{Type: msgChallenge, Nonce: base64.StdEncoding.EncodeToString(nonce)}); err != nil {
 		return nil, refuseInternal, err
 	}
-	m, err := readFrame(st)
-	if err != nil {
-		if errors.Is(err, ErrControl) {
-			return nil, refuseMalformed, err
-		}
+	m, err := readFrame(st, maxPreAuthFrame)
+	switch {
+	case errors.Is(err, errFrameTooLarge):
+		return nil, refuseTooLarge, err
+	case errors.Is(err, ErrControl):
+		return nil, refuseMalformed, err
+	case isTimeout(err):
+		return nil, refuseTimeout, fmt.Errorf("no register within %v: %w", s.limits.RegisterTimeout, err)
+	case err != nil:
 		return nil, refuseNoRegister, fmt.Errorf("read register: %w", err)
 	}
 	if m.Type != msgRegister {
@@ -142,15 +198,16 @@ func (s *Server) register(st network.Stream) (*session, string, error) {
 		return nil, refuseInternal, fmt.Errorf("session key: %w", err)
 	}
 	sess := &session{
-		srv:    s,
-		stream: st,
-		peer:   nodePeer,
-		reg:    reg,
-		id:     id,
-		udp:    &udpNode{id: id, key: key, data: newBucket(s.limits.DataRate, s.limits.DataBurst, s.now())},
-		out:    make(chan []byte, outQueue),
-		done:   make(chan struct{}),
-		punch:  newBucket(s.limits.PunchRate, s.limits.PunchBurst, s.now()),
+		srv:      s,
+		stream:   st,
+		peer:     nodePeer,
+		reg:      reg,
+		id:       id,
+		udp:      &udpNode{id: id, key: key, data: newBucket(s.limits.DataRate, s.limits.DataBurst, s.now())},
+		out:      make(chan []byte, outQueue),
+		dirReady: make(chan struct{}, 1),
+		done:     make(chan struct{}),
+		punch:    newBucket(s.limits.PunchRate, s.limits.PunchBurst, s.now()),
 	}
 	// The session is installed before the welcome leaves: the node BINDs its WireGuard socket as
 	// soon as the welcome arrives, and a BIND that found no node would be dropped, leaving the node
@@ -232,7 +289,7 @@ func (ss *session) readLoop() error {
 	s := ss.srv
 	for {
 		ss.stream.SetReadDeadline(time.Now().Add(3 * s.limits.KeepAlive))
-		m, err := readFrame(ss.stream)
+		m, err := readFrame(ss.stream, MaxControlFrame)
 		if err != nil {
 			if errors.Is(err, ErrControl) {
 				s.metrics.streamBad.Add(1)
@@ -268,6 +325,10 @@ func (ss *session) writeLoop() {
 	write := func(frame []byte) bool {
 		ss.stream.SetWriteDeadline(time.Now().Add(writeTimeout))
 		if _, err := ss.stream.Write(frame); err != nil {
+			if isTimeout(err) {
+				s.metrics.slowStreams.Add(1)
+				s.log.Warn("control stream not keeping up, closing", "node", ss.reg.Name)
+			}
 			ss.close()
 			return false
 		}
@@ -286,6 +347,10 @@ func (ss *session) writeLoop() {
 			return
 		case f := <-ss.out:
 			if !write(f) {
+				return
+			}
+		case <-ss.dirReady:
+			if f := ss.dir.Swap(nil); f != nil && !write(*f) {
 				return
 			}
 		case <-tick.C:
