@@ -20,7 +20,18 @@ var (
 	errNoUpstreams = errors.New("no upstream resolvers configured")
 	// errWouldWait is what resolve returns, told not to wait, instead of asking the upstreams.
 	errWouldWait = errors.New("not cached: the upstreams must be asked")
+	// errForwardCap is why an exchange was not started: Config.MaxForwards are in flight.
+	errForwardCap = errors.New("too many upstream exchanges in flight")
 )
+
+// flight is one upstream exchange in flight, shared by every query of its question that arrives
+// meanwhile. m and err are set before done is closed; m is never modified afterwards.
+type flight struct {
+	done    chan struct{}
+	m       *mdns.Msg
+	err     error
+	waiters int // queries waiting for it; guarded by Server.flightMu
+}
 
 // forward answers q (a name outside the cluster domain; name is q.Name lowercased) from the cache
 // or the upstreams, or with SERVFAIL when neither can. With wait false, a cache miss returns ok
@@ -69,16 +80,60 @@ func (s *Server) resolve(ctx context.Context, name string, qtype, qclass uint16,
 	if !wait {
 		return nil, false, errWouldWait
 	}
-	m, err = s.exchange(ctx, key)
-	if err != nil {
-		return nil, false, err
+	m, err = s.exchangeShared(ctx, key)
+	return m, false, err
+}
+
+// exchangeShared returns a private copy of the upstreams' answer to key (its OPT record removed,
+// cached), from the exchange of key in flight when there is one, else from one it starts, unless
+// MaxForwards exchanges are in flight.
+func (s *Server) exchangeShared(ctx context.Context, key cacheKey) (*mdns.Msg, error) {
+	s.flightMu.Lock()
+	if f, ok := s.flights[key]; ok {
+		f.waiters++
+		s.flightMu.Unlock()
+		select {
+		case <-f.done:
+		case <-ctx.Done():
+			return nil, ctx.Err()
+		}
+		if f.err != nil {
+			return nil, f.err
+		}
+		s.coalesced.Add(1)
+		return f.m.Copy(), nil
 	}
-	stripOPT(m)
-	if s.cache != nil {
-		s.cache.put(key, m, s.now())
-		m = m.Copy()
+	f := &flight{done: make(chan struct{})}
+	s.flights[key] = f
+	s.flightMu.Unlock()
+
+	f.m, f.err = s.exchangeCapped(ctx, key)
+	if f.err == nil {
+		stripOPT(f.m)
+		if s.cache != nil {
+			s.cache.put(key, f.m, s.now())
+		}
 	}
-	return m, false, nil
+	s.flightMu.Lock()
+	delete(s.flights, key)
+	s.flightMu.Unlock()
+	close(f.done)
+	if f.err != nil {
+		return nil, f.err
+	}
+	return f.m.Copy(), nil
+}
+
+// exchangeCapped is exchange in one of the MaxForwards slots, or errForwardCap when none is free.
+func (s *Server) exchangeCapped(ctx context.Context, key cacheKey) (*mdns.Msg, error) {
+	select {
+	case s.forwardSlots <- struct{}{}:
+	default:
+		s.forwardRefused.Add(1)
+		return nil, errForwardCap
+	}
+	defer func() { <-s.forwardSlots }()
+	return s.exchange(ctx, key)
 }
 
 // exchange asks the upstreams in order: over UDP, then over TCP when the UDP answer is truncated;

@@ -471,6 +471,12 @@ func TestNewErrors(t *testing.T) {
 		{name: "upstream hostname", cfg: Config{Upstreams: []string{"dns.example:53"}}},
 		{name: "upstream port 0", cfg: Config{Upstreams: []string{"10.0.0.1:0"}}},
 		{name: "negative timeout", cfg: Config{ForwardTimeout: -1}},
+		{name: "negative workers", cfg: Config{Workers: -1}},
+		{name: "negative queue", cfg: Config{QueueLen: -1}},
+		{name: "negative max forwards", cfg: Config{MaxForwards: -1}},
+		{name: "negative burst", cfg: Config{SourceBurst: -1}},
+		{name: "negative max sources", cfg: Config{MaxSources: -1}},
+		{name: "negative max TCP conns", cfg: Config{MaxTCPConns: -1}},
 	}
 	for _, tc := range tests {
 		t.Run(tc.name, func(t *testing.T) {

@@ -5,12 +5,15 @@
 // other name to the host's upstream resolvers through a TTL-honouring cache. It also reads those
 // upstreams from a resolv.conf.
 //
-// The server is built on github.com/miekg/dns. Server is an mdns.Handler, so it can be tested
-// in-process through a recorder; Start serves it on a PacketConn and a Listener handed in by the
-// caller (in the agent, sockets of the gVisor service netstack at the DNS address). Over UDP the
-// server answers on its read loop: the common queries (A and AAAA of cluster names, missing names
-// of the zone) from replies packed once per index, the others that need no upstream through the
-// handler; only the rest go to miekg's goroutine per query (udp.go).
+// Server is an mdns.Handler (github.com/miekg/dns), so it can be tested in-process through a
+// recorder; Start serves it on a PacketConn and a Listener handed in by the caller (in the agent,
+// sockets of the gVisor service netstack at the DNS address). The server's work is bounded whatever
+// arrives, and under overload it drops and counts (Stats) rather than stall: over UDP its own read
+// loop charges every datagram to its source's rate, answers every query that needs no upstream and
+// hands the rest to a fixed pool of workers through a bounded queue, whose replies one writer sends
+// (udp.go, limit.go). TCP is served by miekg, with a cap on open connections and timeouts. The
+// forwarder bounds its upstream exchanges in flight and shares one exchange among identical
+// questions (forward.go).
 package dns
 
 import (
@@ -36,6 +39,22 @@ const (
 	DefaultTTL            = 5
 	DefaultForwardTimeout = 2 * time.Second
 	DefaultCacheSize      = 10000
+	DefaultWorkers        = 32
+	DefaultQueueLen       = 512
+	DefaultMaxForwards    = 64
+	DefaultSourceRate     = 20000
+	DefaultMaxSources     = 4096
+	DefaultMaxTCPConns    = 128
+)
+
+// The timeouts of TCP connections (miekg's defaults, made explicit): the first query must arrive
+// within tcpReadTimeout of the accept, each next one within tcpIdleTimeout of the last reply, a
+// reply must be written within tcpWriteTimeout, and a connection carries at most tcpMaxQueries.
+const (
+	tcpReadTimeout  = 2 * time.Second
+	tcpIdleTimeout  = 8 * time.Second
+	tcpWriteTimeout = 2 * time.Second
+	tcpMaxQueries   = 128
 )
 
 // ednsSize is the UDP payload size the server advertises in its OPT records and the size of its
@@ -62,11 +81,88 @@ type Config struct {
 	// Addr is the server's own address (the agent's DNS IP). When valid, the apex NS record's
 	// target ns.dns.<domain> resolves to it. Optional.
 	Addr netip.Addr
+
+	// Workers is the number of goroutines answering the UDP queries that need an upstream
+	// (forwarding cache misses, CNAMEs chased out of the zone) (default 32). Every other UDP query
+	// is answered on the read loop.
+	Workers int
+	// QueueLen bounds the UDP queries waiting for a worker (default 512); one that does not fit is
+	// dropped (Stats.QueueFull).
+	QueueLen int
+	// MaxForwards bounds the upstream exchanges in flight, UDP, TCP and Lookup together, and so
+	// the upstream sockets open (default 64); a query that would start one more gets SERVFAIL
+	// (Stats.ForwardRefused).
+	MaxForwards int
+	// SourceRate is how many UDP datagrams per second one source IP address may send (default
+	// 20000); beyond, they are dropped before being parsed (Stats.RateLimited). A query that needs
+	// an upstream costs 10 (at most 2000 a second). Every process of a node queries from the
+	// node's own addresses, so the default is well above the thousands a second a busy node's
+	// resolvers ask, and a small part of the 300,000 and more the read loop answers over loopback
+	// (BenchmarkUDPThroughput): one flooding source cannot starve the others. Negative: no
+	// per-source limit.
+	SourceRate int
+	// SourceBurst is how many datagrams a source may send at once above its rate (default
+	// SourceRate: one second's worth).
+	SourceBurst int
+	// MaxSources bounds the source addresses whose rates are tracked (default 4096); addresses
+	// beyond it share one rate (Stats.Untracked).
+	MaxSources int
+	// MaxTCPConns bounds the TCP connections served at once (default 128); one accepted beyond it
+	// is closed at once (Stats.TCPRefused).
+	MaxTCPConns int
+}
+
+// limits are the bounds of Config with their defaults applied.
+type limits struct {
+	workers, queueLen, writeQueueLen, maxForwards int
+	sourceRate, sourceBurst, maxSources           int
+	maxTCPConns                                   int
+}
+
+// newLimits applies the defaults of cfg's bounds and checks them.
+func newLimits(cfg Config) (limits, error) {
+	l := limits{
+		workers:       cfg.Workers,
+		queueLen:      cfg.QueueLen,
+		writeQueueLen: writeQueueLen,
+		maxForwards:   cfg.MaxForwards,
+		sourceRate:    cfg.SourceRate,
+		sourceBurst:   cfg.SourceBurst,
+		maxSources:    cfg.MaxSources,
+		maxTCPConns:   cfg.MaxTCPConns,
+	}
+	if l.sourceRate == 0 {
+		l.sourceRate = DefaultSourceRate
+	}
+	for _, f := range []struct {
+		name string
+		v    *int
+		def  int
+	}{
+		{"workers", &l.workers, DefaultWorkers},
+		{"queue length", &l.queueLen, DefaultQueueLen},
+		{"max forwards", &l.maxForwards, DefaultMaxForwards},
+		{"source burst", &l.sourceBurst, max(l.sourceRate, 1)},
+		{"max sources", &l.maxSources, DefaultMaxSources},
+		{"max TCP conns", &l.maxTCPConns, DefaultMaxTCPConns},
+	} {
+		if *f.v < 0 {
+			return limits{}, fmt.Errorf("dns: negative %s %d", f.name, *f.v)
+		}
+		if *f.v == 0 {
+			*f.v = f.def
+		}
+	}
+	return l, nil
 }
 
 // Stats are the server's counters since New. Every query handled is counted in Queries and in
 // exactly one of Cluster, Forwarded, CacheHits, FormErr, NotImp, ServFail and Refused; NXDomain
-// counts a subset of Cluster. Dropped packets are not queries and are not in Queries.
+// counts a subset of Cluster, Coalesced a subset of Forwarded. Datagrams dropped (Dropped,
+// RateLimited, QueueFull, Expired) were never handled and are not in Queries: every datagram read
+// is counted once, in Queries or in one of them. ReplyDropped counts replies of handled queries
+// that were not sent; ForwardRefused, Untracked, TCPRefused and ReadErrors count events, not
+// queries.
 type Stats struct {
 	Queries   uint64 // queries handled, including the malformed ones answered with FORMERR/NOTIMP
 	Cluster   uint64 // answered from the cluster records (positive, NODATA or NXDOMAIN)
@@ -75,9 +171,31 @@ type Stats struct {
 	CacheHits uint64 // answered from the forwarding cache
 	FormErr   uint64 // malformed queries answered with FORMERR (or BADVERS for EDNS versions > 0)
 	NotImp    uint64 // queries of an unsupported opcode answered with NOTIMP
-	ServFail  uint64 // outside names that no upstream answered (or no upstream configured)
+	ServFail  uint64 // outside names no upstream answered (none configured, MaxForwards reached)
 	Refused   uint64 // cluster names asked in a class other than IN/ANY
-	Dropped   uint64 // packets too short to hold a DNS header: no reply is possible
+
+	// Dropped counts UDP datagrams that get no reply because none is possible or safe: shorter
+	// than a DNS header, or responses (QR set: answering could start a loop with another server).
+	Dropped uint64
+	// RateLimited counts UDP datagrams dropped unread because their source was over SourceRate.
+	RateLimited uint64
+	// QueueFull counts UDP queries needing an upstream dropped because QueueLen were waiting.
+	QueueFull uint64
+	// Expired counts UDP queries dropped after waiting for a worker longer than their client would.
+	Expired uint64
+	// ReplyDropped counts UDP replies not sent: the writer's queue was full, or the write failed.
+	ReplyDropped uint64
+	// ForwardRefused counts upstream exchanges not started because MaxForwards were in flight: the
+	// query got SERVFAIL (a CNAME chased out of the zone, the CNAME alone).
+	ForwardRefused uint64
+	// Coalesced counts forwarded answers taken from an identical question's exchange in flight.
+	Coalesced uint64
+	// Untracked counts UDP datagrams from sources beyond MaxSources, limited together.
+	Untracked uint64
+	// TCPRefused counts TCP connections closed on accept because MaxTCPConns were open.
+	TCPRefused uint64
+	// ReadErrors counts failed reads of the UDP conn other than its closing.
+	ReadErrors uint64
 }
 
 // Server is the DNS server. Its methods are safe for concurrent use.
@@ -94,6 +212,12 @@ type Server struct {
 	timeout   time.Duration
 	cache     *cache // nil when disabled
 	now       func() time.Time
+	limits    limits
+
+	forwardSlots chan struct{} // one token per upstream exchange in flight
+
+	flightMu sync.Mutex           // flightMu guards flights
+	flights  map[cacheKey]*flight // the upstream exchanges in flight, by question
 
 	idx atomic.Pointer[index]
 
@@ -101,15 +225,18 @@ type Server struct {
 	cancel context.CancelFunc
 	wg     sync.WaitGroup // the serving goroutines started by Start
 
-	queries, cluster, nxdomain, forwarded, cacheHits atomic.Uint64
-	formErr, notImp, servFail, refused, dropped      atomic.Uint64
+	queries, cluster, nxdomain, forwarded, cacheHits             atomic.Uint64
+	formErr, notImp, servFail, refused, dropped                  atomic.Uint64
+	rateLimited, queueFull, expired, replyDropped                atomic.Uint64
+	forwardRefused, coalesced, untracked, tcpRefused, readErrors atomic.Uint64
 
-	forwardLog, writeLog rateLimit
+	forwardLog, writeLog, readLog, limitLog rateLimit
 
 	mu      sync.Mutex // mu guards all following fields
 	started bool
 	closed  bool
-	servers []*mdns.Server
+	udp     *udpServer
+	tcp     *mdns.Server
 }
 
 var _ mdns.Handler = (*Server)(nil)
@@ -134,6 +261,10 @@ func New(cfg Config) (*Server, error) {
 	}
 	if cfg.CacheSize == 0 {
 		cfg.CacheSize = DefaultCacheSize
+	}
+	lim, err := newLimits(cfg)
+	if err != nil {
+		return nil, err
 	}
 	ups := make([]string, 0, len(cfg.Upstreams))
 	for _, u := range cfg.Upstreams {
@@ -160,8 +291,12 @@ func New(cfg Config) (*Server, error) {
 		upstreams: ups,
 		timeout:   cfg.ForwardTimeout,
 		now:       time.Now,
+		limits:    lim,
 		ctx:       ctx,
 		cancel:    cancel,
+
+		forwardSlots: make(chan struct{}, lim.maxForwards),
+		flights:      make(map[cacheKey]*flight),
 	}
 	if cfg.CacheSize > 0 {
 		s.cache = newCache(cfg.CacheSize)
@@ -193,7 +328,8 @@ func (s *Server) Update(snap *discovery.Snapshot) {
 }
 
 // Start serves DNS on pc (UDP) and ln (TCP) until Close; either may be nil, not both. The server
-// owns pc and ln from then on: Close closes them. Start returns once both are being served.
+// owns pc and ln from then on: Close closes them (as does a failed Start). Start returns once both
+// are being served.
 func (s *Server) Start(pc net.PacketConn, ln net.Listener) error {
 	if pc == nil && ln == nil {
 		return errors.New("dns: start: no packet conn and no listener")
@@ -208,35 +344,39 @@ func (s *Server) Start(pc net.PacketConn, ln net.Listener) error {
 	}
 	s.started = true
 	if pc != nil {
-		srv := s.newMiekg()
-		srv.PacketConn = pc
-		srv.DecorateReader = s.decorateReader // answers on the read loop (udp.go)
-		if err := s.serveLocked(srv, "udp", pc.LocalAddr()); err != nil {
+		u, err := s.newUDPServer(pc)
+		if err != nil {
+			pc.Close()
 			if ln != nil {
 				ln.Close()
 			}
-			return err
+			return fmt.Errorf("dns: serve udp %v: %w", pc.LocalAddr(), err)
 		}
+		u.start(&s.wg)
+		s.udp = u
+		s.logger.Info("dns serving", "net", "udp", "addr", pc.LocalAddr(), "workers", s.limits.workers,
+			"queue", s.limits.queueLen, "source_rate", s.limits.sourceRate)
 	}
 	if ln != nil {
-		srv := s.newMiekg()
-		srv.Listener = ln
+		lim := &limitListener{Listener: ln, slots: make(chan struct{}, s.limits.maxTCPConns),
+			refused: func() { s.tcpRefused.Add(1) }}
+		srv := &mdns.Server{
+			Handler:        s,
+			Listener:       lim,
+			MsgAcceptFunc:  s.accept,
+			MsgInvalidFunc: s.invalid,
+			ReadTimeout:    tcpReadTimeout,
+			WriteTimeout:   tcpWriteTimeout,
+			IdleTimeout:    func() time.Duration { return tcpIdleTimeout },
+			MaxTCPQueries:  tcpMaxQueries,
+		}
 		if err := s.serveLocked(srv, "tcp", ln.Addr()); err != nil {
 			s.shutdownLocked()
 			return err
 		}
+		s.tcp = srv
 	}
 	return nil
-}
-
-// newMiekg returns a miekg server configured to hand queries to s.
-func (s *Server) newMiekg() *mdns.Server {
-	return &mdns.Server{
-		Handler:        s,
-		UDPSize:        ednsSize,
-		MsgAcceptFunc:  s.accept,
-		MsgInvalidFunc: s.invalid,
-	}
 }
 
 // serveLocked runs srv in a goroutine and waits until it serves or fails to start.
@@ -262,8 +402,7 @@ func (s *Server) serveLocked(srv *mdns.Server, network string, addr net.Addr) er
 	}()
 	select {
 	case <-started:
-		s.servers = append(s.servers, srv)
-		s.logger.Info("dns serving", "net", network, "addr", addr)
+		s.logger.Info("dns serving", "net", network, "addr", addr, "max_conns", s.limits.maxTCPConns)
 		return nil
 	case err := <-failed:
 		return fmt.Errorf("dns: serve %s %v: %w", network, addr, err)
@@ -286,15 +425,21 @@ func (s *Server) Close() error {
 	return err
 }
 
-// shutdownLocked shuts the miekg servers down and forgets them.
+// shutdownLocked stops serving UDP and TCP and forgets the servers.
 func (s *Server) shutdownLocked() error {
 	var errs []error
-	for _, srv := range s.servers {
-		if err := srv.Shutdown(); err != nil {
+	if s.udp != nil {
+		if err := s.udp.stop(); err != nil {
 			errs = append(errs, err)
 		}
+		s.udp = nil
 	}
-	s.servers = nil
+	if s.tcp != nil {
+		if err := s.tcp.Shutdown(); err != nil {
+			errs = append(errs, fmt.Errorf("shut tcp down: %w", err))
+		}
+		s.tcp = nil
+	}
 	if len(errs) > 0 {
 		return fmt.Errorf("dns: close: %w", errors.Join(errs...))
 	}
@@ -313,7 +458,17 @@ func (s *Server) Stats() Stats {
 		NotImp:    s.notImp.Load(),
 		ServFail:  s.servFail.Load(),
 		Refused:   s.refused.Load(),
-		Dropped:   s.dropped.Load(),
+
+		Dropped:        s.dropped.Load(),
+		RateLimited:    s.rateLimited.Load(),
+		QueueFull:      s.queueFull.Load(),
+		Expired:        s.expired.Load(),
+		ReplyDropped:   s.replyDropped.Load(),
+		ForwardRefused: s.forwardRefused.Load(),
+		Coalesced:      s.coalesced.Load(),
+		Untracked:      s.untracked.Load(),
+		TCPRefused:     s.tcpRefused.Load(),
+		ReadErrors:     s.readErrors.Load(),
 	}
 }
 
@@ -343,9 +498,10 @@ func (s *Server) Lookup(ctx context.Context, name string, qtype uint16) (*mdns.M
 	return m, nil
 }
 
-// accept is the miekg MsgAcceptFunc: it decides from the header alone. Unlike miekg's default,
-// a message that is a response gets FORMERR rather than silence, as does one with a question
-// count other than 1, and every rejection is counted.
+// accept is the miekg MsgAcceptFunc, also used by the UDP read loop: it decides from the header
+// alone. Unlike miekg's default, a message that is a response gets FORMERR rather than silence
+// over TCP (the UDP loop drops responses before asking), as does one with a question count other
+// than 1, and every rejection is counted.
 func (s *Server) accept(dh mdns.Header) mdns.MsgAcceptAction {
 	action := acceptAction(dh)
 	switch action {
@@ -372,8 +528,9 @@ func acceptAction(dh mdns.Header) mdns.MsgAcceptAction {
 	return mdns.MsgAccept
 }
 
-// invalid is the miekg MsgInvalidFunc. miekg calls it for a packet shorter than a header (it then
-// sends nothing) and for an accepted header whose body does not parse (it then sends FORMERR).
+// invalid is the miekg MsgInvalidFunc, also used by the UDP read loop. It is called for a packet
+// shorter than a header (no reply is sent) and for an accepted header whose body does not parse
+// (FORMERR is sent).
 func (s *Server) invalid(m []byte, err error) {
 	if len(m) < 12 {
 		s.dropped.Add(1)

@@ -149,31 +149,41 @@ func TestFastReplyMatchesHandler(t *testing.T) {
 	}
 }
 
-// TestHandleNow checks the second tier of the read loop: queries whose reply needs no upstream are
-// answered through the handler on the loop, with the handler's bytes; the others are left to miekg
-// without being counted.
-func TestHandleNow(t *testing.T) {
+// TestAnswerNow checks the second tier of the read loop: queries whose reply needs no upstream are
+// answered through the handler on the loop, with the handler's bytes; malformed ones get a header
+// alone, responses and runts nothing; the queries that need an upstream are handed back, unpacked
+// and uncounted, for the workers.
+func TestAnswerNow(t *testing.T) {
 	up := startUpstream(t, false)
 	s := newTestServer(t, Config{Upstreams: []string{up.addr}})
 	clock := &fakeClock{t: time.Unix(1_700_000_000, 0)}
 	s.now = clock.Now
+	const (
+		handler = iota // the handler's reply
+		slow           // left to the workers
+		formErr        // a header-only FORMERR
+		notImp         // a header-only NOTIMP
+		dropped        // nothing sent
+	)
 	tests := []struct {
-		name        string
-		pkt         []byte
-		prime       bool // forward the query through the handler first (fills the cache)
-		wantHandled bool
+		name  string
+		pkt   []byte
+		prime bool // forward the query through the handler first (fills the cache)
+		want  int
 	}{
-		{name: "SRV", pkt: packQuery(t, "_http._tcp.web.default.svc.cluster.local.", mdns.TypeSRV, -1, nil), wantHandled: true},
-		{name: "PTR", pkt: packQuery(t, "10.0.251.9.in-addr.arpa.", mdns.TypePTR, 1232, nil), wantHandled: true},
-		{name: "class CHAOS", pkt: packQuery(t, "web.default.svc.cluster.local.", mdns.TypeA, -1, func(m *mdns.Msg) { m.Question[0].Qclass = mdns.ClassCHAOS }), wantHandled: true},
-		{name: "EDNS version 1", pkt: packQuery(t, "web.default.svc.cluster.local.", mdns.TypeA, 1232, func(m *mdns.Msg) { m.IsEdns0().SetVersion(1) }), wantHandled: true},
-		{name: "truncated over UDP", pkt: packQuery(t, "big.kube-system.svc.cluster.local.", mdns.TypeA, -1, nil), wantHandled: true},
-		{name: "forwarded, not cached", pkt: packQuery(t, "example.com.", mdns.TypeA, -1, nil)},
-		{name: "forwarded, cached", pkt: packQuery(t, "Example.COM.", mdns.TypeA, 1232, nil), prime: true, wantHandled: true},
-		{name: "CNAME to chase", pkt: packQuery(t, "ext.default.svc.cluster.local.", mdns.TypeA, -1, nil)},
-		{name: "a response (miekg answers FORMERR)", pkt: packQuery(t, "web.default.svc.cluster.local.", mdns.TypeA, -1, func(m *mdns.Msg) { m.Response = true })},
-		{name: "does not unpack", pkt: append(rawHeader(1, 0, 1, 0, 0, 0), 0xC0, 0xFF, 0, 1, 0, 1)},
-		{name: "short", pkt: []byte{1, 2, 3}},
+		{name: "SRV", pkt: packQuery(t, "_http._tcp.web.default.svc.cluster.local.", mdns.TypeSRV, -1, nil), want: handler},
+		{name: "PTR", pkt: packQuery(t, "10.0.251.9.in-addr.arpa.", mdns.TypePTR, 1232, nil), want: handler},
+		{name: "class CHAOS", pkt: packQuery(t, "web.default.svc.cluster.local.", mdns.TypeA, -1, func(m *mdns.Msg) { m.Question[0].Qclass = mdns.ClassCHAOS }), want: handler},
+		{name: "EDNS version 1", pkt: packQuery(t, "web.default.svc.cluster.local.", mdns.TypeA, 1232, func(m *mdns.Msg) { m.IsEdns0().SetVersion(1) }), want: handler},
+		{name: "truncated over UDP", pkt: packQuery(t, "big.kube-system.svc.cluster.local.", mdns.TypeA, -1, nil), want: handler},
+		{name: "forwarded, not cached", pkt: packQuery(t, "example.com.", mdns.TypeA, -1, nil), want: slow},
+		{name: "forwarded, cached", pkt: packQuery(t, "Example.COM.", mdns.TypeA, 1232, nil), prime: true, want: handler},
+		{name: "CNAME to chase", pkt: packQuery(t, "ext.default.svc.cluster.local.", mdns.TypeA, -1, nil), want: slow},
+		{name: "two questions", pkt: packQuery(t, "web.default.svc.cluster.local.", mdns.TypeA, -1, func(m *mdns.Msg) { m.Question = append(m.Question, m.Question[0]) }), want: formErr},
+		{name: "does not unpack", pkt: append(rawHeader(1, 0, 1, 0, 0, 0), 0xC0, 0xFF, 0, 1, 0, 1), want: formErr},
+		{name: "opcode STATUS", pkt: packQuery(t, "web.default.svc.cluster.local.", mdns.TypeA, -1, func(m *mdns.Msg) { m.Opcode = mdns.OpcodeStatus }), want: notImp},
+		{name: "a response", pkt: packQuery(t, "web.default.svc.cluster.local.", mdns.TypeA, -1, func(m *mdns.Msg) { m.Response = true }), want: dropped},
+		{name: "short", pkt: []byte{1, 2, 3}, want: dropped},
 	}
 	for _, tc := range tests {
 		t.Run(tc.name, func(t *testing.T) {
@@ -182,27 +192,61 @@ func TestHandleNow(t *testing.T) {
 				clock.Advance(7 * time.Second) // the cached TTLs age
 			}
 			before := s.Stats()
-			got, handled := s.handleNow(tc.pkt, nil)
-			if handled != tc.wantHandled {
-				t.Fatalf("handled %v, want %v", handled, tc.wantHandled)
-			}
-			if !handled {
-				if st := s.Stats(); st != before {
-					t.Errorf("stats changed from %+v to %+v by a query left to miekg", before, st)
+			got, q := s.answerNow(tc.pkt, nil)
+			st := s.Stats()
+			switch tc.want {
+			case slow:
+				if got != nil || q == nil || q.Question[0].Name != mustUnpack(t, tc.pkt).Question[0].Name {
+					t.Fatalf("reply %x, query %v: want the query handed back", got, q)
 				}
-				return
-			}
-			if st := s.Stats(); st.Queries != before.Queries+1 {
-				t.Errorf("queries %d, want %d", st.Queries, before.Queries+1)
-			}
-			if want := handlerBytes(t, s, tc.pkt); !bytes.Equal(got, want) {
-				t.Errorf("reply differs from the handler's:\nnow     %x\nhandler %x", got, want)
+				if st != before {
+					t.Errorf("stats changed from %+v to %+v by a query left to the workers", before, st)
+				}
+			case dropped:
+				if got != nil || q != nil {
+					t.Fatalf("reply %x, query %v: want nothing", got, q)
+				}
+				if st.Dropped != before.Dropped+1 || st.Queries != before.Queries {
+					t.Errorf("stats %+v: want one more dropped, no query", st)
+				}
+			case formErr, notImp:
+				rcode, count := mdns.RcodeFormatError, st.FormErr-before.FormErr
+				if tc.want == notImp {
+					rcode, count = mdns.RcodeNotImplemented, st.NotImp-before.NotImp
+				}
+				m := mustUnpack(t, got)
+				if q != nil || len(got) != headerLen || m.Rcode != rcode || !m.Response || m.Id != binary.BigEndian.Uint16(tc.pkt) {
+					t.Fatalf("reply %x (%s): want a header with the query's ID and %s", got, describe(m), mdns.RcodeToString[rcode])
+				}
+				if count != 1 || st.Queries != before.Queries+1 {
+					t.Errorf("stats %+v: want one more query, counted as %s", st, mdns.RcodeToString[rcode])
+				}
+			default:
+				if q != nil || got == nil {
+					t.Fatalf("reply %x, query %v: want a reply", got, q)
+				}
+				if st.Queries != before.Queries+1 {
+					t.Errorf("queries %d, want %d", st.Queries, before.Queries+1)
+				}
+				if want := handlerBytes(t, s, tc.pkt); !bytes.Equal(got, want) {
+					t.Errorf("reply differs from the handler's:\nnow     %x\nhandler %x", got, want)
+				}
 			}
 		})
 	}
 	if n := up.udp.Load(); n != 1 {
 		t.Errorf("upstream asked %d times, want 1 (the priming query)", n)
 	}
+}
+
+// mustUnpack unpacks a message.
+func mustUnpack(t *testing.T, b []byte) *mdns.Msg {
+	t.Helper()
+	m := new(mdns.Msg)
+	if err := m.Unpack(b); err != nil {
+		t.Fatalf("unpack %x: %v", b, err)
+	}
+	return m
 }
 
 // mixedCase alternates the case of the letters of name.
@@ -438,8 +482,7 @@ func BenchmarkServeSRV(b *testing.B) {
 	out := make([]byte, 0, 512)
 	b.ReportAllocs()
 	for b.Loop() {
-		var ok bool
-		if out, ok = s.handleNow(pkt, out); !ok || out == nil {
+		if out, _ = s.answerNow(pkt, out); out == nil {
 			b.Fatal("not answered on the loop")
 		}
 	}
@@ -474,7 +517,7 @@ func BenchmarkUDPRoundTrip(b *testing.B) {
 		{"loop-SRV", "_http._tcp.web.default.svc.cluster.local.", mdns.TypeSRV},
 	} {
 		b.Run(tc.name, func(b *testing.B) {
-			s := newTestServer(b, Config{})
+			s := newTestServer(b, Config{SourceRate: -1}) // one client, as fast as it can
 			pc, err := net.ListenPacket("udp", "127.0.0.1:0")
 			if err != nil {
 				b.Fatal(err)
