@@ -24,6 +24,10 @@ type AgentOptions struct {
 	LogLevel string
 	// Extra flags, appended as they are.
 	Extra []string
+	// Cgroup, when set, is the memory cgroup the agent runs in, with NoFile open files at most
+	// (MemCgroup.Command).
+	Cgroup *MemCgroup
+	NoFile int
 }
 
 // Agent is a `meshctl up` running in a node, with a state directory and control socket of its own
@@ -69,7 +73,11 @@ func StartAgent(t testing.TB, n *Node, o AgentOptions) *Agent {
 		args = append(args, "--wg-interface", "ew"+n.lab.ID+"-"+n.Role)
 	}
 	args = append(args, o.Extra...)
-	a.Proc = n.Start(t, "agent", args...)
+	if o.Cgroup != nil {
+		a.Proc = n.lab.start(t, n.Role, "agent", o.Cgroup.Command(n.NS, o.NoFile, args...))
+	} else {
+		a.Proc = n.Start(t, "agent", args...)
+	}
 	return a
 }
 

@@ -444,24 +444,6 @@ func (b *bench) tcp(t *testing.T, name string, client *Node, host string, stream
 	})
 }
 
-// parseIperfOutput reads the JSON object out of iperf3 -J's combined output, which may carry
-// warnings around it; a JSON error beats the bare exit status.
-func parseIperfOutput(out string, runErr error) (IperfSummary, error) {
-	i := strings.Index(out, "{")
-	if i < 0 {
-		return IperfSummary{}, fmt.Errorf("%v: %s", runErr, strings.TrimSpace(out))
-	}
-	var raw json.RawMessage
-	if err := json.NewDecoder(strings.NewReader(out[i:])).Decode(&raw); err != nil {
-		return IperfSummary{}, fmt.Errorf("%v: iperf3 output: %v: %s", runErr, err, lastLines(out, 5))
-	}
-	s, err := parseIperf(raw)
-	if err == nil && runErr != nil {
-		err = runErr
-	}
-	return s, err
-}
-
 // benchtool runs `benchtool mode` (rr or connrate) from client to host:7000 for benchDuration and
 // records its rate as name and its latency percentiles as name.p50 and name.p99, compared with the
 // same measurements of refs.

@@ -13,7 +13,7 @@ import (
 const memCgroupRoot = "/sys/fs/cgroup/memory"
 
 // MemCgroup is a cgroup v1 memory cgroup a test created, with a limit. Processes enter it through
-// Wrap; the test's cleanup moves what is left to the parent and removes it.
+// Command; the test's cleanup moves what is left to the parent and removes it.
 type MemCgroup struct {
 	Path string
 }
@@ -66,11 +66,16 @@ func (cg *MemCgroup) write(t testing.TB, file, value string) {
 	}
 }
 
-// Wrap returns args prefixed so that the process enters the cgroup and runs with its open files
-// limited to nofile (soft and hard) before it execs: the PID stays the one started.
-func (cg *MemCgroup) Wrap(nofile int, args ...string) []string {
+// Command returns the argv that runs args in network namespace ns inside the cgroup, with its open
+// files limited to nofile (soft and hard): the process enters the cgroup in the root namespace,
+// `ip netns exec` then gives it a mount namespace of its own with a fresh /sys, where the memory
+// hierarchy is mounted again at /sys/fs/cgroup (as a container runtime mounts a container's), so
+// that the process can read its own limit. Every step execs in place: the PID is the one started.
+func (cg *MemCgroup) Command(ns string, nofile int, args ...string) []string {
 	procs := filepath.Join(cg.Path, "cgroup.procs")
+	inner := `mount -t cgroup -o memory cgroup /sys/fs/cgroup && exec "$@"`
 	return append([]string{"sh", "-c", `echo $$ > "$0" && exec "$@"`, procs,
+		"ip", "netns", "exec", ns, "sh", "-c", inner, "cgroup-mount",
 		"prlimit", fmt.Sprintf("--nofile=%d:%d", nofile, nofile), "--"}, args...)
 }
 

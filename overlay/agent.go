@@ -16,7 +16,6 @@ import (
 	"net"
 	"net/netip"
 	"os"
-	"runtime/debug"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -67,6 +66,10 @@ type Config struct {
 	// WGInterface names the WireGuard UAPI socket, /var/run/wireguard/<WGInterface>.sock, that `wg show`
 	// reads (default: TUNName).
 	WGInterface string
+	// WireGuardBuffers bounds wireguard-go's 64 KiB packet buffers (default DefaultWireGuardBuffers):
+	// the most memory its queues can hold is this many times 64 KiB. Beyond it the TUN reader and
+	// the socket receivers wait, and the kernel's queues drop (wgbuffers.go).
+	WireGuardBuffers int
 	// ForwardPort is the port, TCP and UDP, of the agent-to-agent forward listener on the overlay
 	// address (default forward.DefaultPort).
 	ForwardPort uint16
@@ -144,6 +147,12 @@ func (c *Config) setDefaults() error {
 	if c.ForwardPort == 0 {
 		c.ForwardPort = forward.DefaultPort
 	}
+	if c.WireGuardBuffers == 0 {
+		c.WireGuardBuffers = DefaultWireGuardBuffers
+	}
+	if c.WireGuardBuffers < minWireGuardBuffers {
+		return fmt.Errorf("wireguard buffers %d (--wireguard-buffers): at least %d, what the device's receivers and TUN reader hold", c.WireGuardBuffers, minWireGuardBuffers)
+	}
 	if c.UDPIdleTimeout == 0 {
 		c.UDPIdleTimeout = 60 * time.Second
 	}
@@ -153,8 +162,13 @@ func (c *Config) setDefaults() error {
 	return nil
 }
 
-// releaseEvery is the least time between two returns of freed memory to the kernel (releaseMemory).
-const releaseEvery = 2 * time.Second
+// DefaultWireGuardBuffers is the default of Config.WireGuardBuffers: 48 MiB of buffers at most, of
+// which the device's receivers and TUN reader hold 384 (24 MiB) while idle.
+const DefaultWireGuardBuffers = 768
+
+// minWireGuardBuffers is what wireguard-go holds while idle: a batch for each of the Bind's two
+// receive functions and one for the TUN reader (3 x 128), plus room for a batch in flight.
+const minWireGuardBuffers = 512
 
 // Agent is one node's agent.
 type Agent struct {
@@ -172,7 +186,8 @@ type Agent struct {
 
 	health *health // nil without HealthAddr
 	// release asks releaseMemory to return freed memory to the kernel (a catalog was applied).
-	release chan struct{}
+	release  chan struct{}
+	releases atomic.Uint64 // memory releases (memory.go)
 
 	downOnce sync.Once
 	down     chan struct{}
@@ -407,25 +422,6 @@ func (a *Agent) apply(s *discovery.Snapshot) {
 	select {
 	case a.release <- struct{}{}:
 	default:
-	}
-}
-
-// releaseMemory returns the previous catalog's memory to the kernel after each change, at most once
-// per releaseEvery, until ctx is done. Without it an idle agent keeps the old catalog and the
-// parser's garbage (twice the live set) in its RSS until the runtime's two-minute forced GC.
-func (a *Agent) releaseMemory(ctx context.Context) {
-	for {
-		select {
-		case <-ctx.Done():
-			return
-		case <-a.release:
-		}
-		debug.FreeOSMemory()
-		select {
-		case <-ctx.Done():
-			return
-		case <-time.After(releaseEvery):
-		}
 	}
 }
 

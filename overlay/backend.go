@@ -86,6 +86,11 @@ func (b *backend) Status() control.Status {
 		}
 	}
 	st.Process = processStats()
+	st.Process.MemoryReleases = a.releaseCount()
+	if m := a.meshP.Load(); m != nil {
+		st.Process.WireGuardBuffers, st.Process.WireGuardBuffersMax = m.buffers.inUse(), m.buffers.max
+		st.Process.WireGuardFlushes = m.buffers.flushes.Load()
+	}
 	ds := a.dns.Stats()
 	st.DNS = control.DNSStats{
 		Queries:   ds.Queries,

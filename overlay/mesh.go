@@ -105,6 +105,9 @@ type mesh struct {
 	tunName  string
 	fwdPort  uint16
 	listenPt uint16
+	// maxBuffers bounds wireguard-go's message buffers (wgbuffers.go); buffers counts them.
+	maxBuffers uint32
+	buffers    bufferStats
 
 	dir    atomic.Pointer[directory]
 	dialer forward.Dialer
@@ -136,18 +139,19 @@ const forwardSpares = 2
 
 func newMesh(cfg *Config, id *identity.Identity, overlay netip.Addr) *mesh {
 	m := &mesh{
-		root:     cfg.Logger,
-		logger:   cfg.Logger.With("component", "wireguard"),
-		self:     cfg.NodeName,
-		id:       id,
-		overlay:  overlay,
-		prefix:   cfg.OverlayPrefix,
-		wgName:   cfg.WGInterface,
-		tunName:  cfg.TUNName,
-		fwdPort:  cfg.ForwardPort,
-		listenPt: cfg.ListenPort,
-		dialer:   forward.Dialer{Port: cfg.ForwardPort, Spares: forwardSpares},
-		peers:    make(map[identity.Key]*peer),
+		root:       cfg.Logger,
+		logger:     cfg.Logger.With("component", "wireguard"),
+		self:       cfg.NodeName,
+		id:         id,
+		overlay:    overlay,
+		prefix:     cfg.OverlayPrefix,
+		wgName:     cfg.WGInterface,
+		tunName:    cfg.TUNName,
+		fwdPort:    cfg.ForwardPort,
+		listenPt:   cfg.ListenPort,
+		maxBuffers: uint32(cfg.WireGuardBuffers),
+		dialer:     forward.Dialer{Port: cfg.ForwardPort, Spares: forwardSpares},
+		peers:      make(map[identity.Key]*peer),
 
 		relayAddrs: slices.Clone(cfg.Relays),
 		joinToken:  cfg.JoinToken,
@@ -182,7 +186,12 @@ func (m *mesh) start(tunDev wgtun.Device, tunDevice string) error {
 	if err := m.newPaths(); err != nil {
 		return err
 	}
-	m.dev = device.NewDevice(tunDev, m.bind, deviceLogger(m.logger))
+	gate := newGatedTUN(tunDev)
+	m.dev = device.NewDevice(gate, m.bind, deviceLogger(m.logger))
+	if err := boundBuffers(m.dev, m.maxBuffers, &m.buffers); err != nil {
+		m.logger.Error("wireguard-go's message buffers stay unbounded: memory may grow under load", "err", err)
+	}
+	gate.open()
 	conf := fmt.Sprintf("private_key=%s\nlisten_port=%d\n", hex.EncodeToString(m.id.WireGuard[:]), m.listenPt)
 	if err := m.dev.IpcSet(conf); err != nil {
 		return fmt.Errorf("wireguard: configure device (is UDP port %d in use? set --listen-port): %w", m.listenPt, err)
@@ -199,9 +208,10 @@ func (m *mesh) start(tunDev wgtun.Device, tunDevice string) error {
 		f.Close()
 		return fmt.Errorf("wireguard: UAPI listen %s: %w", m.wgName, err)
 	}
-	m.wg.Add(2)
+	m.wg.Add(3)
 	go m.serveUAPI()
 	go m.keepaliveLoop()
+	go m.relieveBuffers()
 
 	m.listener, err = forward.NewListener(forward.ListenerConfig{
 		Logger: m.root,

@@ -13,6 +13,8 @@ import (
 	"time"
 
 	"github.com/spf13/pflag"
+
+	"github.com/edgewire/edgewire/overlay"
 	"gopkg.in/yaml.v3"
 )
 
@@ -47,6 +49,7 @@ type upOptions struct {
 	KubeSyncTimeout time.Duration `yaml:"kubeSyncTimeout"`
 	HealthAddr      string        `yaml:"healthAddr"`
 	Pprof           bool          `yaml:"pprof"`
+	WGBuffers       int           `yaml:"wireguardBuffers"`
 }
 
 // flagNames maps each config file field to its flag: the flag wins when it is set.
@@ -59,7 +62,7 @@ var flagNames = map[string]string{
 	"relays": "relay", "joinToken": "join-token", "joinTokenFile": "join-token-file", "udpIdleTimeout": "udp-idle-timeout",
 	"connectTimeout": "connect-timeout", "logLevel": "log-level", "logFormat": "log-format",
 	"kubernetes": "kubernetes", "kubeconfig": "kubeconfig", "relaySecret": "relay-secret",
-	"kubeSyncTimeout": "kube-sync-timeout", "healthAddr": "health-addr", "pprof": "pprof",
+	"kubeSyncTimeout": "kube-sync-timeout", "healthAddr": "health-addr", "pprof": "pprof", "wireguardBuffers": "wireguard-buffers",
 }
 
 func (o *upOptions) addFlags(fs *pflag.FlagSet) {
@@ -89,6 +92,7 @@ func (o *upOptions) addFlags(fs *pflag.FlagSet) {
 	fs.StringVar(&o.RelaySecret, "relay-secret", "edgewire/edgewire-relay", "with --kubernetes: NAMESPACE/NAME of the Secret mesh-relay publishes its addresses in (\"\" = none)")
 	fs.DurationVar(&o.KubeSyncTimeout, "kube-sync-timeout", 10*time.Second, "with --kubernetes: how long to wait for the API before serving the cached catalog")
 	fs.StringVar(&o.HealthAddr, "health-addr", "", "HOST:PORT of the HTTP health endpoint (/healthz, /readyz); empty = none")
+	fs.IntVar(&o.WGBuffers, "wireguard-buffers", overlay.DefaultWireGuardBuffers, "most 64 KiB packet buffers WireGuard may hold (its queues' memory bound; beyond it the kernel's queues drop)")
 	fs.BoolVar(&o.Pprof, "pprof", false, "serve the Go profiler under /debug/pprof/ on --health-addr (for debugging; off by default)")
 	fs.StringVar(&o.LogLevel, "log-level", "info", "log level: debug, info, warn, error")
 	fs.StringVar(&o.LogFormat, "log-format", "text", "log format: text or json")
@@ -173,6 +177,8 @@ func (o *upOptions) loadConfigFile(path string, fs *pflag.FlagSet) error {
 			o.HealthAddr = fromFile.HealthAddr
 		case "pprof":
 			o.Pprof = fromFile.Pprof
+		case "wireguardBuffers":
+			o.WGBuffers = fromFile.WGBuffers
 		}
 	}
 	return nil

@@ -77,6 +77,8 @@ agent answers on the control socket, so "meshctl status --json" doubles as a rea
 			fmt.Fprintf(t, "Process:	RSS %s (peak %s), heap %s of GOMEMLIMIT %s; %d goroutines, GOMAXPROCS %d; %d of %d files open\n",
 				bytesString(pr.RSSBytes), bytesString(pr.PeakRSSBytes), bytesString(pr.HeapBytes), memLimit,
 				pr.Goroutines, pr.GOMAXPROCS, pr.OpenFiles, pr.FileLimit)
+			fmt.Fprintf(t, "WireGuard buffers:\t%d of %d out (64 KiB each), nearly out %d times; memory returned to the kernel %d times\n",
+				pr.WireGuardBuffers, pr.WireGuardBuffersMax, pr.WireGuardFlushes, pr.MemoryReleases)
 			return t.Flush()
 		},
 	}

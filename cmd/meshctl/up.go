@@ -51,7 +51,7 @@ Every flag can also be set in a YAML file given with --config, using the camelCa
 names (nodeName, servicesFile, stateDir, serviceCIDR, dnsIP, clusterDomain, controlSocket,
 resolvConf, upstreams, tunName, mtu, listenPort, overlayPrefix, wgInterface, forwardPort, relays, joinToken, joinTokenFile,
 udpIdleTimeout, connectTimeout, logLevel, logFormat, kubernetes, kubeconfig, relaySecret,
-kubeSyncTimeout, healthAddr, pprof).
+kubeSyncTimeout, healthAddr, pprof, wireguardBuffers).
 Flags given on the command line win over the file.
 
 Between nodes the agent runs WireGuard (wireguard-go) on the overlay range (--overlay-prefix),
@@ -61,7 +61,8 @@ token of --join-token-file to each). Each peer is reached over the best path tha
 probes: one of its LAN addresses, a hole-punched direct path, or the relay.
 
 Resources: the agent sets the Go runtime's soft memory limit (GOMEMLIMIT) to 80% of the
-memory limit of its cgroup (v1 or v2; a GOMEMLIMIT in the environment wins), takes GOMAXPROCS
+memory limit of its cgroup (v1 or v2; a GOMEMLIMIT in the environment wins), runs with
+GOGC=50 (a GOGC in the environment wins), takes GOMAXPROCS
 from the cgroup's CPU quota (the Go runtime does this), raises its soft file descriptor limit
 to the hard one, and logs all of them at start ("resource limits"). Flows, DNS work and UDP
 state are capped within those limits; what is over a cap is refused and counted (meshctl status).
@@ -94,7 +95,7 @@ func runUp(ctx context.Context, o *upOptions) error {
 	if err != nil {
 		return err
 	}
-	sysres.Apply(logger, sysres.Host, 0)
+	sysres.Apply(logger, sysres.Host, 0, sysres.DefaultGCPercent)
 	upstreams := p.upstreams
 	if len(upstreams) == 0 && o.ResolvConf != "" {
 		upstreams, err = dns.ReadResolvConf(o.ResolvConf, p.dnsIP)
@@ -125,28 +126,29 @@ func runUp(ctx context.Context, o *upOptions) error {
 		source = static.New(static.Config{Path: o.ServicesFile, Logger: logger})
 	}
 	agent, err := overlay.New(overlay.Config{
-		Logger:         logger,
-		NodeName:       o.NodeName,
-		StateDir:       o.StateDir,
-		ServiceCIDR:    p.serviceCIDR,
-		DNSIP:          p.dnsIP,
-		ClusterDomain:  o.ClusterDomain,
-		ControlSocket:  o.ControlSocket,
-		TUNName:        o.TUNName,
-		ListenPort:     uint16(o.ListenPort),
-		OverlayPrefix:  p.overlay,
-		WGInterface:    o.WGInterface,
-		ForwardPort:    uint16(o.ForwardPort),
-		Relays:         o.Relays,
-		JoinToken:      p.joinToken,
-		MTU:            o.MTU,
-		UDPIdleTimeout: o.UDPIdleTimeout,
-		ConnectTimeout: o.ConnectTimeout,
-		Upstreams:      upstreams,
-		Source:         source,
-		SourceName:     sourceName,
-		HealthAddr:     p.healthAddr,
-		Pprof:          o.Pprof,
+		Logger:           logger,
+		NodeName:         o.NodeName,
+		StateDir:         o.StateDir,
+		ServiceCIDR:      p.serviceCIDR,
+		DNSIP:            p.dnsIP,
+		ClusterDomain:    o.ClusterDomain,
+		ControlSocket:    o.ControlSocket,
+		TUNName:          o.TUNName,
+		ListenPort:       uint16(o.ListenPort),
+		OverlayPrefix:    p.overlay,
+		WGInterface:      o.WGInterface,
+		ForwardPort:      uint16(o.ForwardPort),
+		Relays:           o.Relays,
+		JoinToken:        p.joinToken,
+		MTU:              o.MTU,
+		UDPIdleTimeout:   o.UDPIdleTimeout,
+		ConnectTimeout:   o.ConnectTimeout,
+		Upstreams:        upstreams,
+		Source:           source,
+		SourceName:       sourceName,
+		HealthAddr:       p.healthAddr,
+		Pprof:            o.Pprof,
+		WireGuardBuffers: o.WGBuffers,
 	})
 	if err != nil {
 		return err

@@ -69,6 +69,15 @@ type ProcessStats struct {
 	GOMAXPROCS int    `json:"gomaxprocs"`
 	OpenFiles  int    `json:"openFiles"`
 	FileLimit  uint64 `json:"fileLimit"`
+	// WireGuardBuffers are wireguard-go's 64 KiB packet buffers out of their pool now, of at most
+	// WireGuardBuffersMax.
+	WireGuardBuffers    uint32 `json:"wireguardBuffers"`
+	WireGuardBuffersMax uint32 `json:"wireguardBuffersMax"`
+	// WireGuardFlushes counts the times the buffers nearly ran out and the packets waiting for
+	// handshakes were dropped to free them.
+	WireGuardFlushes uint64 `json:"wireguardFlushes"`
+	// MemoryReleases counts the times the agent returned freed memory to the kernel.
+	MemoryReleases uint64 `json:"memoryReleases"`
 }
 
 // ForwardStats counts the forward listener's requests.

@@ -26,6 +26,12 @@ import (
 	"syscall"
 )
 
+// DefaultGCPercent is the GOGC the agent runs with unless the environment sets one: the heap may
+// grow by half its live size between collections instead of doubling. Most of an agent's heap
+// under load is packet buffers without pointers, which cost a collection nothing to scan, so
+// collecting twice as often is cheap, and it keeps the peak of a bulk transfer a third lower.
+const DefaultGCPercent = 50
+
 // DefaultMemoryRatio is the share of the cgroup memory limit given to the Go heap as GOMEMLIMIT.
 // The rest covers what the runtime does not count (kernel socket buffers charged to the cgroup,
 // the binary's text, thread stacks).
@@ -243,6 +249,7 @@ type Report struct {
 	Memory      MemoryLimit
 	GoMemLimit  int64  // the runtime's soft limit in force; math.MaxInt64 when none
 	GoMemSource string // "cgroup", "GOMEMLIMIT" (the environment wins), or "none"
+	GCPercent   int    // GOGC in force
 	GOMAXPROCS  int
 	NumCPU      int
 	NoFile      uint64 // soft RLIMIT_NOFILE in force
@@ -253,17 +260,18 @@ type Report struct {
 func (r Report) LogAttrs() []any {
 	return []any{
 		"cgroup_memory_limit", r.Memory.Bytes, "cgroup_version", r.Memory.Version,
-		"gomemlimit", r.GoMemLimit, "gomemlimit_source", r.GoMemSource,
+		"gomemlimit", r.GoMemLimit, "gomemlimit_source", r.GoMemSource, "gogc", r.GCPercent,
 		"gomaxprocs", r.GOMAXPROCS, "cpus", r.NumCPU,
 		"nofile", r.NoFile, "nofile_max", r.NoFileMax,
 	}
 }
 
 // Apply sets the Go soft memory limit to ratio (DefaultMemoryRatio when <= 0) of the cgroup
-// memory limit, unless the GOMEMLIMIT environment variable is set, raises the soft RLIMIT_NOFILE
+// memory limit, unless the GOMEMLIMIT environment variable is set, sets GOGC to gcPercent unless
+// the GOGC environment variable is set (0 leaves it alone), raises the soft RLIMIT_NOFILE
 // to the hard limit, and logs and returns what is in force. Failing to read the cgroup is logged
 // and leaves the memory limit alone: the process still runs.
-func Apply(logger *slog.Logger, f FS, ratio float64) Report {
+func Apply(logger *slog.Logger, f FS, ratio float64, gcPercent int) Report {
 	if ratio <= 0 || ratio > 1 {
 		ratio = DefaultMemoryRatio
 	}
@@ -283,6 +291,11 @@ func Apply(logger *slog.Logger, f FS, ratio float64) Report {
 		r.GoMemSource = "none"
 	}
 	r.GoMemLimit = debug.SetMemoryLimit(-1)
+	if gcPercent > 0 && os.Getenv("GOGC") == "" {
+		debug.SetGCPercent(gcPercent)
+	}
+	r.GCPercent = debug.SetGCPercent(-1)
+	debug.SetGCPercent(r.GCPercent)
 	r.GOMAXPROCS = runtime.GOMAXPROCS(0)
 	r.NumCPU = runtime.NumCPU()
 	soft, hard, err := RaiseNoFile()

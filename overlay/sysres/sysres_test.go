@@ -202,7 +202,7 @@ func TestApply(t *testing.T) {
 
 	t.Run("from the cgroup", func(t *testing.T) {
 		t.Setenv("GOMEMLIMIT", "")
-		r := Apply(logger, fs, 0.5)
+		r := Apply(logger, fs, 0.5, 0)
 		if r.GoMemSource != "cgroup" || r.GoMemLimit != 128<<20 || debug.SetMemoryLimit(-1) != 128<<20 {
 			t.Errorf("report %+v, runtime limit %d: want 128 MiB from the cgroup", r, debug.SetMemoryLimit(-1))
 		}
@@ -213,15 +213,28 @@ func TestApply(t *testing.T) {
 	t.Run("the environment wins", func(t *testing.T) {
 		debug.SetMemoryLimit(math.MaxInt64)
 		t.Setenv("GOMEMLIMIT", "64MiB")
-		r := Apply(logger, fs, 0.5)
+		r := Apply(logger, fs, 0.5, 0)
 		if r.GoMemSource != "GOMEMLIMIT" || debug.SetMemoryLimit(-1) != math.MaxInt64 {
 			t.Errorf("report %+v: the cgroup overrode GOMEMLIMIT", r)
+		}
+	})
+	t.Run("GOGC", func(t *testing.T) {
+		prevGC := debug.SetGCPercent(100)
+		defer debug.SetGCPercent(prevGC)
+		t.Setenv("GOGC", "")
+		if r := Apply(logger, fs, 0.5, DefaultGCPercent); r.GCPercent != DefaultGCPercent {
+			t.Errorf("GCPercent %d, want %d", r.GCPercent, DefaultGCPercent)
+		}
+		debug.SetGCPercent(100)
+		t.Setenv("GOGC", "100")
+		if r := Apply(logger, fs, 0.5, DefaultGCPercent); r.GCPercent != 100 {
+			t.Errorf("GCPercent %d with GOGC=100 in the environment, want 100", r.GCPercent)
 		}
 	})
 	t.Run("no limit", func(t *testing.T) {
 		debug.SetMemoryLimit(math.MaxInt64)
 		t.Setenv("GOMEMLIMIT", "")
-		r := Apply(logger, FS{Root: t.TempDir()}, 0)
+		r := Apply(logger, FS{Root: t.TempDir()}, 0, 0)
 		if r.GoMemSource != "none" || r.GoMemLimit != math.MaxInt64 {
 			t.Errorf("report %+v: want no limit when the cgroup cannot be read", r)
 		}
