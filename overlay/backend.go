@@ -15,7 +15,10 @@ import (
 	mdns "github.com/miekg/dns"
 
 	"github.com/edgewire/edgewire/discovery"
+	"github.com/edgewire/edgewire/dns"
 	"github.com/edgewire/edgewire/overlay/control"
+	"github.com/edgewire/edgewire/overlay/forward"
+	"github.com/edgewire/edgewire/overlay/netstack"
 	"github.com/edgewire/edgewire/overlay/proxy"
 	"github.com/edgewire/edgewire/overlay/sysres"
 )
@@ -64,6 +67,7 @@ func (b *backend) Status() control.Status {
 		ns := stack.Stats()
 		st.Flows.ActiveTCP = int64(ns.TCP.Active)
 		st.Flows.ActiveUDP = int64(ns.UDP.Active)
+		st.Limits.Flows = flowLimits(ns)
 	}
 	if m := a.meshP.Load(); m != nil {
 		if wg, err := b.WireGuard(); err == nil {
@@ -74,6 +78,7 @@ func (b *backend) Status() control.Status {
 			fs := m.listener.Stats()
 			st.Forward = control.ForwardStats{TCPAccepted: fs.TCPAccepted, UDPAccepted: fs.UDPAccepted,
 				Refused: fs.Refused, BadHeader: fs.BadHeader, DialFailures: fs.DialFailures}
+			st.Limits.Forward = forwardLimits(fs)
 		}
 		ds := m.dialer.Stats()
 		st.Forward.SpareDials, st.Forward.FreshDials, st.Forward.EarlyDials = ds.SpareDials, ds.FreshDials, ds.EarlyDials
@@ -101,7 +106,41 @@ func (b *backend) Status() control.Status {
 		FormErr:   ds.FormErr,
 		ServFail:  ds.ServFail,
 	}
+	st.Limits.DNS = dnsLimits(ds)
 	return st
+}
+
+// flowLimits are the service netstack's caps and refusals.
+func flowLimits(ns netstack.Stats) control.FlowLimits {
+	flowCap := func(fs netstack.FlowStats) control.FlowCap {
+		return control.FlowCap{
+			Held: fs.Held, Max: fs.Max, MaxPerClient: fs.MaxPerClient,
+			RefusedPerClient: fs.CapClient, RefusedTotal: fs.CapTotal,
+			Evicted: fs.Evicted, QueueDrops: fs.QueueDrops,
+		}
+	}
+	return control.FlowLimits{TCP: flowCap(ns.TCP), UDP: flowCap(ns.UDP)}
+}
+
+// forwardLimits are the forward listener's caps and refusals.
+func forwardLimits(fs forward.Stats) control.ForwardLimits {
+	return control.ForwardLimits{
+		TCPHeld: fs.TCPConns, MaxTCP: fs.MaxTCPFlows, MaxTCPPerPeer: fs.MaxTCPFlowsPerPeer,
+		TCPBusyPerPeer: fs.TCPBusyPeer, TCPBusyTotal: fs.TCPBusyTotal,
+		UDPHeld: fs.ActiveUDP, MaxUDP: fs.MaxUDPFlows, MaxUDPPerPeer: fs.MaxUDPFlowsPerPeer,
+		UDPCapPerPeer: fs.UDPCapPeer, UDPCapTotal: fs.UDPCapTotal, UDPEvicted: fs.UDPEvicted,
+	}
+}
+
+// dnsLimits are the DNS server's drops and refusals.
+func dnsLimits(ds dns.Stats) control.DNSLimits {
+	return control.DNSLimits{
+		RateLimited: ds.RateLimited, Untracked: ds.Untracked,
+		QueueFull: ds.QueueFull, Expired: ds.Expired,
+		ForwardRefused: ds.ForwardRefused, Coalesced: ds.Coalesced,
+		TCPRefused:   ds.TCPRefused,
+		ReplyDropped: ds.ReplyDropped, Dropped: ds.Dropped, ReadErrors: ds.ReadErrors,
+	}
 }
 
 func (b *backend) Services() []control.Service {

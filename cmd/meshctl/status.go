@@ -2,6 +2,7 @@ package main
 
 import (
 	"fmt"
+	"io"
 	"strings"
 	"time"
 
@@ -20,7 +21,22 @@ func newStatusCmd() *cobra.Command {
 how many services and endpoints its catalog holds, how long it has been up, and counters
 of flows and DNS queries.
 
-With --json it prints the whole status object for scripts. It exits non-zero when no
+The Limits section shows, one line per group, each cap the agent enforces with what it
+holds now and what it refused or dropped since it started (docs/limits.md lists them all):
+  flows             the service netstack: TCP and UDP flows held of the total and
+                    per-client caps, refused at either, UDP flows evicted, datagrams
+                    dropped from full UDP queues
+  forward listener  flows other nodes bring to this node's endpoints: held of the total
+                    and per-peer caps, TCP answered busy, UDP dropped at a cap, evicted
+  dns               datagrams over a source's rate, queries dropped with the workers'
+                    queue full or expired in it, upstream exchanges refused at the cap,
+                    answers shared by identical questions, TCP connections refused, replies
+                    not sent
+  process           memory, goroutines and files against GOMEMLIMIT and the file limit
+  wireguard buffers WireGuard's packet buffers out of their bounded pool
+
+With --json it prints the whole status object for scripts (the Limits section is under
+"limits" and "process"). It exits non-zero when no
 agent answers on the control socket, so "meshctl status --json" doubles as a readiness check.`,
 		Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
@@ -69,22 +85,39 @@ agent answers on the control socket, so "meshctl status --json" doubles as a rea
 			}
 			fmt.Fprintf(t, "DNS queries:\t%d (%d cluster, %d nxdomain, %d forwarded, %d cache hits, %d formerr, %d servfail)\n",
 				st.DNS.Queries, st.DNS.Cluster, st.DNS.NXDomain, st.DNS.Forwarded, st.DNS.CacheHits, st.DNS.FormErr, st.DNS.ServFail)
-			pr := st.Process
-			memLimit := "none"
-			if pr.GoMemLimit > 0 {
-				memLimit = bytesString(uint64(pr.GoMemLimit))
-			}
-			fmt.Fprintf(t, "Process:	RSS %s (peak %s), heap %s of GOMEMLIMIT %s; %d goroutines, GOMAXPROCS %d; %d of %d files open\n",
-				bytesString(pr.RSSBytes), bytesString(pr.PeakRSSBytes), bytesString(pr.HeapBytes), memLimit,
-				pr.Goroutines, pr.GOMAXPROCS, pr.OpenFiles, pr.FileLimit)
-			fmt.Fprintf(t, "WireGuard buffers:\t%d of %d out (64 KiB each), nearly out %d times; memory returned to the kernel %d times\n",
-				pr.WireGuardBuffers, pr.WireGuardBuffersMax, pr.WireGuardFlushes, pr.MemoryReleases)
+			writeLimits(t, st.Limits, st.Process)
 			return t.Flush()
 		},
 	}
 	addControlSocketFlag(cmd, &socket)
 	cmd.Flags().BoolVar(&asJSON, "json", false, "print JSON")
 	return cmd
+}
+
+// writeLimits writes the Limits section: one line per group, each cap with what it holds now and
+// what it refused or dropped since the agent started.
+func writeLimits(w io.Writer, l control.LimitStats, pr control.ProcessStats) {
+	fmt.Fprintf(w, "Limits:\t\n")
+	f := l.Flows
+	fmt.Fprintf(w, "  flows:\ttcp %d of %d (%d per client), refused %d per client, %d total; udp %d of %d (%d per client), refused %d per client, %d total, %d evicted, %d queue drops\n",
+		f.TCP.Held, f.TCP.Max, f.TCP.MaxPerClient, f.TCP.RefusedPerClient, f.TCP.RefusedTotal,
+		f.UDP.Held, f.UDP.Max, f.UDP.MaxPerClient, f.UDP.RefusedPerClient, f.UDP.RefusedTotal, f.UDP.Evicted, f.UDP.QueueDrops)
+	fw := l.Forward
+	fmt.Fprintf(w, "  forward listener:\ttcp %d of %d (%d per peer), busy %d per peer, %d total; udp %d of %d (%d per peer), dropped %d per peer, %d total, %d evicted\n",
+		fw.TCPHeld, fw.MaxTCP, fw.MaxTCPPerPeer, fw.TCPBusyPerPeer, fw.TCPBusyTotal,
+		fw.UDPHeld, fw.MaxUDP, fw.MaxUDPPerPeer, fw.UDPCapPerPeer, fw.UDPCapTotal, fw.UDPEvicted)
+	d := l.DNS
+	fmt.Fprintf(w, "  dns:\t%d rate limited (%d datagrams from untracked sources), %d queue full, %d expired, %d forward refused, %d coalesced, %d tcp refused, %d replies dropped, %d dropped, %d read errors\n",
+		d.RateLimited, d.Untracked, d.QueueFull, d.Expired, d.ForwardRefused, d.Coalesced, d.TCPRefused, d.ReplyDropped, d.Dropped, d.ReadErrors)
+	memLimit := "none"
+	if pr.GoMemLimit > 0 {
+		memLimit = bytesString(uint64(pr.GoMemLimit))
+	}
+	fmt.Fprintf(w, "  process:\tRSS %s (peak %s), heap %s of GOMEMLIMIT %s; %d goroutines, GOMAXPROCS %d; %d of %d files open\n",
+		bytesString(pr.RSSBytes), bytesString(pr.PeakRSSBytes), bytesString(pr.HeapBytes), memLimit,
+		pr.Goroutines, pr.GOMAXPROCS, pr.OpenFiles, pr.FileLimit)
+	fmt.Fprintf(w, "  wireguard buffers:\t%d of %d out (64 KiB each), nearly out %d times; memory returned to the kernel %d times\n",
+		pr.WireGuardBuffers, pr.WireGuardBuffersMax, pr.WireGuardFlushes, pr.MemoryReleases)
 }
 
 func orNone(ss []string) string {

@@ -55,6 +55,89 @@ type Status struct {
 	DroppedDatagrams uint64 `json:"droppedDatagrams"`
 	// Process is what the agent holds of the machine, against its limits.
 	Process ProcessStats `json:"process"`
+	// Limits are the agent's caps on flows and DNS work, what each holds now, and what each
+	// refused or dropped (docs/limits.md).
+	Limits LimitStats `json:"limits"`
+}
+
+// LimitStats are the caps of the agent's flow terminators and DNS server with their refusals.
+// Every counter counts since the agent started.
+type LimitStats struct {
+	// Flows are the service netstack's flows: those this node's applications open to services.
+	Flows FlowLimits `json:"flows"`
+	// Forward is the forward listener's: the flows other agents bring to this node's endpoints.
+	Forward ForwardLimits `json:"forward"`
+	DNS     DNSLimits     `json:"dns"`
+}
+
+// FlowLimits are the service netstack's flow caps, TCP and UDP apart.
+type FlowLimits struct {
+	TCP FlowCap `json:"tcp"`
+	UDP FlowCap `json:"udp"`
+}
+
+// FlowCap is one protocol's flow cap in the service netstack. A client is an application's source
+// address.
+type FlowCap struct {
+	// Held is the flows holding a slot now (those being dialled included), of at most Max in
+	// total and MaxPerClient per client.
+	Held         uint64 `json:"held"`
+	Max          uint64 `json:"max"`
+	MaxPerClient uint64 `json:"maxPerClient"`
+	// RefusedPerClient counts flows refused because their client held MaxPerClient (a TCP SYN
+	// answered with a RST, a UDP datagram dropped), RefusedTotal because Max were held.
+	RefusedPerClient uint64 `json:"refusedPerClient"`
+	RefusedTotal     uint64 `json:"refusedTotal"`
+	// Evicted counts UDP flows closed to make room for a new flow of the same client; QueueDrops
+	// UDP datagrams dropped because their flow's queue was full. Both are 0 for TCP.
+	Evicted    uint64 `json:"evicted"`
+	QueueDrops uint64 `json:"queueDrops"`
+}
+
+// ForwardLimits are the forward listener's caps. A peer is another agent (its overlay address).
+type ForwardLimits struct {
+	// TCPHeld is the TCP connections held now, of at most MaxTCP in total and MaxTCPPerPeer per
+	// peer. TCPBusyPerPeer and TCPBusyTotal count connections answered "busy" (status 5) at either
+	// cap.
+	TCPHeld        uint64 `json:"tcpHeld"`
+	MaxTCP         uint64 `json:"maxTCP"`
+	MaxTCPPerPeer  uint64 `json:"maxTCPPerPeer"`
+	TCPBusyPerPeer uint64 `json:"tcpBusyPerPeer"`
+	TCPBusyTotal   uint64 `json:"tcpBusyTotal"`
+	// UDPHeld is the UDP flows open now, of at most MaxUDP and MaxUDPPerPeer. UDPCapPerPeer and
+	// UDPCapTotal count datagrams dropped because they would have opened a flow beyond either cap;
+	// UDPEvicted counts flows closed to make room for a new flow of the same peer.
+	UDPHeld       uint64 `json:"udpHeld"`
+	MaxUDP        uint64 `json:"maxUDP"`
+	MaxUDPPerPeer uint64 `json:"maxUDPPerPeer"`
+	UDPCapPerPeer uint64 `json:"udpCapPerPeer"`
+	UDPCapTotal   uint64 `json:"udpCapTotal"`
+	UDPEvicted    uint64 `json:"udpEvicted"`
+}
+
+// DNSLimits count what the DNS server dropped or refused to stay within its bounds (package dns,
+// Stats).
+type DNSLimits struct {
+	// RateLimited counts UDP datagrams dropped unread because their source was over its rate.
+	// Untracked counts datagrams, dropped or not, from sources beyond those whose rates are
+	// tracked: they share one rate.
+	RateLimited uint64 `json:"rateLimited"`
+	Untracked   uint64 `json:"untracked"`
+	// QueueFull counts queries for the workers dropped because the queue was full; Expired those
+	// that waited longer than their client would.
+	QueueFull uint64 `json:"queueFull"`
+	Expired   uint64 `json:"expired"`
+	// ForwardRefused counts upstream exchanges not started because the most were in flight (the
+	// query got SERVFAIL); Coalesced forwarded answers shared with an identical question in flight.
+	ForwardRefused uint64 `json:"forwardRefused"`
+	Coalesced      uint64 `json:"coalesced"`
+	// TCPRefused counts TCP connections closed on accept because the most were open.
+	TCPRefused uint64 `json:"tcpRefused"`
+	// ReplyDropped counts replies not sent (the writer's queue was full or the write failed);
+	// Dropped datagrams that get no reply (too short, or responses); ReadErrors failed reads.
+	ReplyDropped uint64 `json:"replyDropped"`
+	Dropped      uint64 `json:"dropped"`
+	ReadErrors   uint64 `json:"readErrors"`
 }
 
 // ProcessStats are the agent process's resources in use and the limits in force.
