@@ -94,6 +94,22 @@ type Config struct {
 	// Pprof serves the Go profiler under /debug/pprof/ on HealthAddr (off by default: profiles
 	// show what the agent is doing to anyone who can reach the address).
 	Pprof bool
+
+	// MaxTCPFlows caps the TCP flows held at once, by the service netstack (the flows this node's
+	// applications open to services) and by the forward listener (the flows other agents bring to
+	// this node's endpoints) each; their per-client caps follow (a quarter of it per client in the
+	// netstack, half of it per peer in the listener). 0: each derives its cap from the
+	// RLIMIT_NOFILE in force (netstack.DefaultMaxTCPFlows, forward.DefaultMaxTCPFlows).
+	// MaxUDPFlows is the same for UDP flows (netstack.DefaultMaxUDPFlows,
+	// forward.DefaultMaxUDPFlows).
+	MaxTCPFlows int
+	MaxUDPFlows int
+	// DNSSourceRate is how many UDP datagrams per second one source address may send to the DNS
+	// server (dns.Config.SourceRate; 0: dns.DefaultSourceRate; negative: no per-source limit).
+	DNSSourceRate int
+	// DNSMaxForwards bounds the DNS server's upstream exchanges in flight (dns.Config.MaxForwards;
+	// 0: dns.DefaultMaxForwards).
+	DNSMaxForwards int
 }
 
 func (c *Config) setDefaults() error {
@@ -200,9 +216,11 @@ func New(cfg Config) (*Agent, error) {
 	}
 	logger := cfg.Logger
 	d, err := dns.New(dns.Config{
-		Logger:    logger,
-		Domain:    cfg.ClusterDomain,
-		Upstreams: cfg.Upstreams,
+		Logger:      logger,
+		Domain:      cfg.ClusterDomain,
+		Upstreams:   cfg.Upstreams,
+		SourceRate:  cfg.DNSSourceRate,
+		MaxForwards: cfg.DNSMaxForwards,
 	})
 	if err != nil {
 		return nil, fmt.Errorf("agent config: dns: %w", err)
@@ -306,6 +324,8 @@ func (a *Agent) Run(ctx context.Context) (err error) {
 		LocalAddrs:     []netip.Addr{cfg.DNSIP},
 		UDPIdleTimeout: cfg.UDPIdleTimeout,
 		ConnectTimeout: cfg.ConnectTimeout,
+		MaxTCPFlows:    cfg.MaxTCPFlows,
+		MaxUDPFlows:    cfg.MaxUDPFlows,
 	})
 	if err != nil {
 		return fmt.Errorf("service netstack: %w", err)

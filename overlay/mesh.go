@@ -108,6 +108,8 @@ type mesh struct {
 	// maxBuffers bounds wireguard-go's message buffers (wgbuffers.go); buffers counts them.
 	maxBuffers uint32
 	buffers    bufferStats
+	// maxTCP and maxUDP are the forward listener's flow caps (Config.MaxTCPFlows, MaxUDPFlows).
+	maxTCP, maxUDP int
 
 	dir    atomic.Pointer[directory]
 	dialer forward.Dialer
@@ -150,6 +152,8 @@ func newMesh(cfg *Config, id *identity.Identity, overlay netip.Addr) *mesh {
 		fwdPort:    cfg.ForwardPort,
 		listenPt:   cfg.ListenPort,
 		maxBuffers: uint32(cfg.WireGuardBuffers),
+		maxTCP:     cfg.MaxTCPFlows,
+		maxUDP:     cfg.MaxUDPFlows,
 		dialer:     forward.Dialer{Port: cfg.ForwardPort, Spares: forwardSpares},
 		peers:      make(map[identity.Key]*peer),
 
@@ -219,6 +223,9 @@ func (m *mesh) start(tunDev wgtun.Device, tunDevice string) error {
 		Port:   m.fwdPort,
 		Device: tunDevice,
 		Allow:  m.allow,
+		// 0: the listener's defaults, from RLIMIT_NOFILE.
+		MaxTCPFlows: m.maxTCP,
+		MaxUDPFlows: m.maxUDP,
 	})
 	if err != nil {
 		return fmt.Errorf("forward listener: %w", err)

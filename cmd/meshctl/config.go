@@ -14,7 +14,10 @@ import (
 
 	"github.com/spf13/pflag"
 
+	"github.com/edgewire/edgewire/dns"
 	"github.com/edgewire/edgewire/overlay"
+	"github.com/edgewire/edgewire/overlay/forward"
+	"github.com/edgewire/edgewire/overlay/netstack"
 	"gopkg.in/yaml.v3"
 )
 
@@ -50,6 +53,11 @@ type upOptions struct {
 	HealthAddr      string        `yaml:"healthAddr"`
 	Pprof           bool          `yaml:"pprof"`
 	WGBuffers       int           `yaml:"wireguardBuffers"`
+
+	MaxTCPFlows    int `yaml:"maxTCPFlows"`
+	MaxUDPFlows    int `yaml:"maxUDPFlows"`
+	DNSSourceRate  int `yaml:"dnsSourceRate"`
+	DNSMaxForwards int `yaml:"dnsMaxForwards"`
 }
 
 // flagNames maps each config file field to its flag: the flag wins when it is set.
@@ -63,6 +71,8 @@ var flagNames = map[string]string{
 	"connectTimeout": "connect-timeout", "logLevel": "log-level", "logFormat": "log-format",
 	"kubernetes": "kubernetes", "kubeconfig": "kubeconfig", "relaySecret": "relay-secret",
 	"kubeSyncTimeout": "kube-sync-timeout", "healthAddr": "health-addr", "pprof": "pprof", "wireguardBuffers": "wireguard-buffers",
+	"maxTCPFlows": "max-tcp-flows", "maxUDPFlows": "max-udp-flows", "dnsSourceRate": "dns-source-rate",
+	"dnsMaxForwards": "dns-max-forwards",
 }
 
 func (o *upOptions) addFlags(fs *pflag.FlagSet) {
@@ -94,6 +104,10 @@ func (o *upOptions) addFlags(fs *pflag.FlagSet) {
 	fs.StringVar(&o.HealthAddr, "health-addr", "", "HOST:PORT of the HTTP health endpoint (/healthz, /readyz); empty = none")
 	fs.IntVar(&o.WGBuffers, "wireguard-buffers", overlay.DefaultWireGuardBuffers, "most 64 KiB packet buffers WireGuard may hold (its queues' memory bound; beyond it the kernel's queues drop)")
 	fs.BoolVar(&o.Pprof, "pprof", false, "serve the Go profiler under /debug/pprof/ on --health-addr (for debugging; off by default)")
+	fs.IntVar(&o.MaxTCPFlows, "max-tcp-flows", 0, "most TCP flows held at once by the service stack, and apart by the forward listener (a quarter of it per client, half per peer); over it a flow is refused and counted (0 = a fifth of the file descriptor limit, 64-8192)")
+	fs.IntVar(&o.MaxUDPFlows, "max-udp-flows", 0, "most UDP flows held at once by the service stack, and apart by the forward listener (a quarter of it per client, half per peer); over it a datagram is dropped and counted (0 = a tenth of the file descriptor limit, 32-4096)")
+	fs.IntVar(&o.DNSSourceRate, "dns-source-rate", dns.DefaultSourceRate, "UDP datagrams a second one source address may send to the DNS server (a query forwarded upstream costs 10); beyond it they are dropped and counted (-1 = no limit)")
+	fs.IntVar(&o.DNSMaxForwards, "dns-max-forwards", dns.DefaultMaxForwards, "most DNS exchanges with the upstream resolvers in flight; a query that needs one more is answered SERVFAIL and counted")
 	fs.StringVar(&o.LogLevel, "log-level", "info", "log level: debug, info, warn, error")
 	fs.StringVar(&o.LogFormat, "log-format", "text", "log format: text or json")
 }
@@ -179,6 +193,14 @@ func (o *upOptions) loadConfigFile(path string, fs *pflag.FlagSet) error {
 			o.Pprof = fromFile.Pprof
 		case "wireguardBuffers":
 			o.WGBuffers = fromFile.WGBuffers
+		case "maxTCPFlows":
+			o.MaxTCPFlows = fromFile.MaxTCPFlows
+		case "maxUDPFlows":
+			o.MaxUDPFlows = fromFile.MaxUDPFlows
+		case "dnsSourceRate":
+			o.DNSSourceRate = fromFile.DNSSourceRate
+		case "dnsMaxForwards":
+			o.DNSMaxForwards = fromFile.DNSMaxForwards
 		}
 	}
 	return nil
@@ -252,6 +274,18 @@ func (o *upOptions) parse() (parsed, error) {
 	if o.ConnectTimeout <= 0 {
 		return p, fmt.Errorf("--connect-timeout %s: must be positive", o.ConnectTimeout)
 	}
+	if o.MaxTCPFlows < 0 {
+		return p, fmt.Errorf("--max-tcp-flows %d: want a number of flows, or 0 for the default derived from the file descriptor limit", o.MaxTCPFlows)
+	}
+	if o.MaxUDPFlows < 0 {
+		return p, fmt.Errorf("--max-udp-flows %d: want a number of flows, or 0 for the default derived from the file descriptor limit", o.MaxUDPFlows)
+	}
+	if o.DNSSourceRate < -1 {
+		return p, fmt.Errorf("--dns-source-rate %d: want datagrams a second, 0 for the default (%d) or -1 for no limit", o.DNSSourceRate, dns.DefaultSourceRate)
+	}
+	if o.DNSMaxForwards < 0 {
+		return p, fmt.Errorf("--dns-max-forwards %d: want a number of exchanges, or 0 for the default (%d)", o.DNSMaxForwards, dns.DefaultMaxForwards)
+	}
 	if o.JoinToken != "" && o.JoinTokenFile != "" {
 		return p, errors.New("--join-token and --join-token-file are both set: use one")
 	}
@@ -282,6 +316,33 @@ func (o *upOptions) parse() (parsed, error) {
 		p.upstreams = append(p.upstreams, ap.String())
 	}
 	return p, nil
+}
+
+// flowDescriptors returns the file descriptors the agent's flows hold when every flow cap is full:
+// one for each TCP and UDP flow of the service netstack, two for each TCP flow of the forward
+// listener and one for each of its UDP flows (overlay/internal/flows). A zero cap is the default
+// derived from nofile, the soft RLIMIT_NOFILE.
+func flowDescriptors(maxTCP, maxUDP, nofile int) int {
+	nsTCP, fwTCP := netstack.DefaultMaxTCPFlows(nofile), forward.DefaultMaxTCPFlows(nofile)
+	if maxTCP > 0 {
+		nsTCP, fwTCP = maxTCP, maxTCP
+	}
+	nsUDP, fwUDP := netstack.DefaultMaxUDPFlows(nofile), forward.DefaultMaxUDPFlows(nofile)
+	if maxUDP > 0 {
+		nsUDP, fwUDP = maxUDP, maxUDP
+	}
+	return nsTCP + 2*fwTCP + nsUDP + fwUDP
+}
+
+// flowBudgetExceeded reports whether the flows at their caps would hold more than the four fifths
+// of nofile the default caps are cut from (the last fifth is for WireGuard, the TUN, DNS and the
+// rest), and how many descriptors they would hold. Only caps set by hand can exceed it.
+func flowBudgetExceeded(maxTCP, maxUDP, nofile int) (need int, exceeded bool) {
+	if nofile <= 0 || (maxTCP <= 0 && maxUDP <= 0) {
+		return 0, false
+	}
+	need = flowDescriptors(maxTCP, maxUDP, nofile)
+	return need, need > nofile/5*4
 }
 
 // parseHealthAddr accepts HOST:PORT, [IPv6]:PORT and, because the DaemonSet builds the address from

@@ -51,7 +51,8 @@ Every flag can also be set in a YAML file given with --config, using the camelCa
 names (nodeName, servicesFile, stateDir, serviceCIDR, dnsIP, clusterDomain, controlSocket,
 resolvConf, upstreams, tunName, mtu, listenPort, overlayPrefix, wgInterface, forwardPort, relays, joinToken, joinTokenFile,
 udpIdleTimeout, connectTimeout, logLevel, logFormat, kubernetes, kubeconfig, relaySecret,
-kubeSyncTimeout, healthAddr, pprof, wireguardBuffers).
+kubeSyncTimeout, healthAddr, pprof, wireguardBuffers, maxTCPFlows, maxUDPFlows, dnsSourceRate,
+dnsMaxForwards).
 Flags given on the command line win over the file.
 
 Between nodes the agent runs WireGuard (wireguard-go) on the overlay range (--overlay-prefix),
@@ -65,7 +66,26 @@ memory limit of its cgroup (v1 or v2; a GOMEMLIMIT in the environment wins), run
 GOGC=50 (a GOGC in the environment wins), takes GOMAXPROCS
 from the cgroup's CPU quota (the Go runtime does this), raises its soft file descriptor limit
 to the hard one, and logs all of them at start ("resource limits"). Flows, DNS work and UDP
-state are capped within those limits; what is over a cap is refused and counted (meshctl status).
+state are capped within those limits; what is over a cap is refused and counted (the Limits
+section of "meshctl status"; docs/limits.md lists every cap):
+
+  --max-tcp-flows, --max-udp-flows  the flows held at once by the service stack (this node's
+      applications to services) and, apart, by the forward listener (other nodes to this
+      node's endpoints). A client may hold a quarter of the service stack's, a peer node half
+      of the listener's. 0, the default, derives them from the file descriptor limit N:
+      N/5 TCP flows (64-8192) and N/10 UDP flows (32-4096), which at their caps hold four
+      fifths of N. A TCP flow over a cap is refused (a RST, or "busy" to the other node); a
+      UDP datagram over a cap is dropped, unless at its client's own cap the client's least
+      recently active flow has been idle long enough to be evicted for it.
+  --dns-source-rate  UDP datagrams a second one source address may send to the DNS server
+      (default 20000; a query forwarded upstream costs 10); beyond it they are dropped
+      unread. -1 removes the limit.
+  --dns-max-forwards  exchanges with the upstream resolvers in flight (default 64); a query
+      that needs one more is answered SERVFAIL.
+  --wireguard-buffers  WireGuard's 64 KiB packet buffers (default 768, 48 MiB at most).
+
+--pprof serves the Go profiler under /debug/pprof/ on --health-addr, to take a heap
+profile ("go tool pprof http://ADDR/debug/pprof/heap"); it is off by default.
 
 up needs root (or CAP_NET_ADMIN) for the TUN device and its routes.`,
 		Example: `  meshctl up --node-name edge-1 --services-file /etc/edgewire/services.yaml
@@ -95,7 +115,12 @@ func runUp(ctx context.Context, o *upOptions) error {
 	if err != nil {
 		return err
 	}
-	sysres.Apply(logger, sysres.Host, 0, sysres.DefaultGCPercent)
+	res := sysres.Apply(logger, sysres.Host, 0, sysres.DefaultGCPercent)
+	if need, over := flowBudgetExceeded(o.MaxTCPFlows, o.MaxUDPFlows, int(min(res.NoFile, 1<<20))); over {
+		logger.Warn("--max-tcp-flows/--max-udp-flows: the flows at their caps would hold more than 4/5 of the file descriptor limit, "+
+			"so flows may fail for want of descriptors instead of being refused and counted; raise the limit (LimitNOFILE, ulimit -n) or lower the caps",
+			"descriptors_at_caps", need, "nofile", res.NoFile)
+	}
 	upstreams := p.upstreams
 	if len(upstreams) == 0 && o.ResolvConf != "" {
 		upstreams, err = dns.ReadResolvConf(o.ResolvConf, p.dnsIP)
@@ -149,6 +174,10 @@ func runUp(ctx context.Context, o *upOptions) error {
 		HealthAddr:       p.healthAddr,
 		Pprof:            o.Pprof,
 		WireGuardBuffers: o.WGBuffers,
+		MaxTCPFlows:      o.MaxTCPFlows,
+		MaxUDPFlows:      o.MaxUDPFlows,
+		DNSSourceRate:    o.DNSSourceRate,
+		DNSMaxForwards:   o.DNSMaxForwards,
 	})
 	if err != nil {
 		return err
