@@ -196,6 +196,9 @@ type Stats struct {
 	TCPRefused uint64
 	// ReadErrors counts failed reads of the UDP conn other than its closing.
 	ReadErrors uint64
+	// Policed counts UDP datagrams refused by AdmitDatagram before they reached the socket (they
+	// were never read, so they are in no other counter).
+	Policed uint64
 }
 
 // Server is the DNS server. Its methods are safe for concurrent use.
@@ -229,6 +232,9 @@ type Server struct {
 	formErr, notImp, servFail, refused, dropped                  atomic.Uint64
 	rateLimited, queueFull, expired, replyDropped                atomic.Uint64
 	forwardRefused, coalesced, untracked, tcpRefused, readErrors atomic.Uint64
+	policed                                                      atomic.Uint64
+
+	admit *admission // nil when SourceRate < 0
 
 	forwardLog, writeLog, readLog, limitLog rateLimit
 
@@ -300,6 +306,9 @@ func New(cfg Config) (*Server, error) {
 	}
 	if cfg.CacheSize > 0 {
 		s.cache = newCache(cfg.CacheSize)
+	}
+	if lim.sourceRate > 0 {
+		s.admit = &admission{limiter: newSourceLimiter(lim.sourceRate, lim.sourceBurst, lim.maxSources), epoch: time.Now()}
 	}
 	s.idx.Store(buildIndex(nil, s.zone, s.ttl, s.self, serialNow(s.now())))
 	return s, nil
@@ -461,6 +470,7 @@ func (s *Server) Stats() Stats {
 
 		Dropped:        s.dropped.Load(),
 		RateLimited:    s.rateLimited.Load(),
+		Policed:        s.policed.Load(),
 		QueueFull:      s.queueFull.Load(),
 		Expired:        s.expired.Load(),
 		ReplyDropped:   s.replyDropped.Load(),

@@ -54,7 +54,9 @@ type Config struct {
 	TUNName string
 	// MTU of the TUN device (default 1420).
 	MTU int
-	// UDPIdleTimeout closes a UDP flow idle this long in both directions (default 60s).
+	// UDPIdleTimeout closes a UDP flow idle this long in both directions (default 20s, as the
+	// kernel's conntrack keeps an unanswered UDP flow 30s: long enough for request/response
+	// protocols, short enough that a burst of flows from many ports is gone soon after it ends).
 	UDPIdleTimeout time.Duration
 	// ConnectTimeout bounds the connection to an endpoint, retries included (default 5s).
 	ConnectTimeout time.Duration
@@ -170,13 +172,16 @@ func (c *Config) setDefaults() error {
 		return fmt.Errorf("wireguard buffers %d (--wireguard-buffers): at least %d, what the device's receivers and TUN reader hold", c.WireGuardBuffers, minWireGuardBuffers)
 	}
 	if c.UDPIdleTimeout == 0 {
-		c.UDPIdleTimeout = 60 * time.Second
+		c.UDPIdleTimeout = DefaultUDPIdleTimeout
 	}
 	if c.ConnectTimeout == 0 {
 		c.ConnectTimeout = 5 * time.Second
 	}
 	return nil
 }
+
+// DefaultUDPIdleTimeout is the default of Config.UDPIdleTimeout.
+const DefaultUDPIdleTimeout = 20 * time.Second
 
 // DefaultWireGuardBuffers is the default of Config.WireGuardBuffers: 48 MiB of buffers at most, of
 // which the device's receivers and TUN reader hold 384 (24 MiB) while idle.
@@ -317,11 +322,15 @@ func (a *Agent) Run(ctx context.Context) (err error) {
 	}
 
 	stack, err := netstack.New(netstack.Config{
-		Logger:         cfg.Logger,
-		Dialer:         a.proxy,
-		MTU:            cfg.MTU,
-		Prefixes:       []netip.Prefix{cfg.ServiceCIDR},
-		LocalAddrs:     []netip.Addr{cfg.DNSIP},
+		Logger:     cfg.Logger,
+		Dialer:     a.proxy,
+		MTU:        cfg.MTU,
+		Prefixes:   []netip.Prefix{cfg.ServiceCIDR},
+		LocalAddrs: []netip.Addr{cfg.DNSIP},
+		// A DNS flood is dropped per source before it fills the DNS socket's buffer.
+		AdmitLocalUDP: func(src netip.Addr, dst netip.AddrPort) bool {
+			return dst.Port() != 53 || a.dns.AdmitDatagram(src)
+		},
 		UDPIdleTimeout: cfg.UDPIdleTimeout,
 		ConnectTimeout: cfg.ConnectTimeout,
 		MaxTCPFlows:    cfg.MaxTCPFlows,

@@ -135,7 +135,7 @@ func forwardLimits(fs forward.Stats) control.ForwardLimits {
 // dnsLimits are the DNS server's drops and refusals.
 func dnsLimits(ds dns.Stats) control.DNSLimits {
 	return control.DNSLimits{
-		RateLimited: ds.RateLimited, Untracked: ds.Untracked,
+		RateLimited: ds.RateLimited, Untracked: ds.Untracked, Policed: ds.Policed,
 		QueueFull: ds.QueueFull, Expired: ds.Expired,
 		ForwardRefused: ds.ForwardRefused, Coalesced: ds.Coalesced,
 		TCPRefused:   ds.TCPRefused,

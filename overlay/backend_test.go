@@ -51,11 +51,11 @@ func TestLimitsMapping(t *testing.T) {
 			got: dnsLimits(dns.Stats{
 				Queries: 1, Cluster: 2, NXDomain: 3, Forwarded: 4, CacheHits: 5, FormErr: 6, NotImp: 7, ServFail: 8, Refused: 9,
 				Dropped: 10, RateLimited: 11, QueueFull: 12, Expired: 13, ReplyDropped: 14, ForwardRefused: 15,
-				Coalesced: 16, Untracked: 17, TCPRefused: 18, ReadErrors: 19,
+				Coalesced: 16, Untracked: 17, TCPRefused: 18, ReadErrors: 19, Policed: 20,
 			}),
 			want: control.DNSLimits{
 				RateLimited: 11, Untracked: 17, QueueFull: 12, Expired: 13, ForwardRefused: 15, Coalesced: 16,
-				TCPRefused: 18, ReplyDropped: 14, Dropped: 10, ReadErrors: 19,
+				TCPRefused: 18, ReplyDropped: 14, Dropped: 10, ReadErrors: 19, Policed: 20,
 			},
 		},
 	}

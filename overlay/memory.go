@@ -12,7 +12,7 @@ import (
 // transfer fills wireguard-go's buffer pool, a flood fills the DNS and flow tables) would keep that
 // memory in its RSS until the runtime's two-minute forced collection and beyond. releaseMemory
 // checks the heap every releaseCheck and, when it holds releaseSlack more than the agent's idle
-// floor or has that much freed but not returned, collects and returns everything free
+// floor or has freeSlack freed but not returned, collects and returns everything free
 // (debug.FreeOSMemory), at most once per releaseEvery. A catalog change asks for a release at once:
 // the previous catalog and the parser's garbage are twice the live set.
 
@@ -20,6 +20,9 @@ const (
 	releaseEvery = 2 * time.Second
 	releaseCheck = 5 * time.Second
 	releaseSlack = 16 << 20
+	// freeSlack is how much freed heap may stay unreturned: the runtime's own scavenger returns
+	// only what lies above the next collection's goal, which an idle agent never reaches.
+	freeSlack = 4 << 20
 	// floorWindow is how many releases the idle floor is the least of: a catalog that grows for
 	// good raises the floor after that many releases.
 	floorWindow = 8
@@ -51,7 +54,7 @@ func (r *releaser) floor() uint64 {
 
 // due says whether h holds enough above the floor, or free, to be worth a release.
 func (r *releaser) due(h heapSample) bool {
-	return r.n == 0 || h.free > releaseSlack || h.inUse > r.floor()+releaseSlack
+	return r.n == 0 || h.free > freeSlack || h.inUse > r.floor()+releaseSlack
 }
 
 // released records the heap right after a release.

@@ -14,6 +14,7 @@ import (
 	"strings"
 	"sync"
 	"sync/atomic"
+	"time"
 
 	"golang.zx2c4.com/wireguard/device"
 	"golang.zx2c4.com/wireguard/ipc"
@@ -108,6 +109,9 @@ type mesh struct {
 	// maxBuffers bounds wireguard-go's message buffers (wgbuffers.go); buffers counts them.
 	maxBuffers uint32
 	buffers    bufferStats
+	// udpIdle is the forward listener's UDP idle timeout: the agent's, as the client's side closes
+	// a flow after it and the listener cannot tell.
+	udpIdle time.Duration
 	// maxTCP and maxUDP are the forward listener's flow caps (Config.MaxTCPFlows, MaxUDPFlows).
 	maxTCP, maxUDP int
 
@@ -152,6 +156,7 @@ func newMesh(cfg *Config, id *identity.Identity, overlay netip.Addr) *mesh {
 		fwdPort:    cfg.ForwardPort,
 		listenPt:   cfg.ListenPort,
 		maxBuffers: uint32(cfg.WireGuardBuffers),
+		udpIdle:    cfg.UDPIdleTimeout,
 		maxTCP:     cfg.MaxTCPFlows,
 		maxUDP:     cfg.MaxUDPFlows,
 		dialer:     forward.Dialer{Port: cfg.ForwardPort, Spares: forwardSpares},
@@ -223,6 +228,8 @@ func (m *mesh) start(tunDev wgtun.Device, tunDevice string) error {
 		Port:   m.fwdPort,
 		Device: tunDevice,
 		Allow:  m.allow,
+
+		UDPIdleTimeout: m.udpIdle,
 		// 0: the listener's defaults, from RLIMIT_NOFILE.
 		MaxTCPFlows: m.maxTCP,
 		MaxUDPFlows: m.maxUDP,

@@ -95,7 +95,7 @@ func (o *upOptions) addFlags(fs *pflag.FlagSet) {
 	fs.StringVar(&o.JoinToken, "join-token", "", "token that admits this node to the mesh (prefer --join-token-file: flags show in ps)")
 	fs.StringVar(&o.JoinTokenFile, "join-token-file", "", "file holding the join token")
 	fs.IntVar(&o.ForwardPort, "forward-port", 51821, "TCP and UDP port of the agent-to-agent forward listener on the overlay address")
-	fs.DurationVar(&o.UDPIdleTimeout, "udp-idle-timeout", 60*time.Second, "close a UDP flow idle this long")
+	fs.DurationVar(&o.UDPIdleTimeout, "udp-idle-timeout", overlay.DefaultUDPIdleTimeout, "close a UDP flow idle this long")
 	fs.DurationVar(&o.ConnectTimeout, "connect-timeout", 5*time.Second, "deadline to connect to an endpoint, retries included")
 	fs.BoolVar(&o.Kubernetes, "kubernetes", false, "catalog from the Kubernetes API (Services, EndpointSlices, Nodes; in-cluster config unless --kubeconfig) instead of --services-file")
 	fs.StringVar(&o.Kubeconfig, "kubeconfig", "", "kubeconfig file for the Kubernetes API (implies --kubernetes)")

@@ -107,8 +107,8 @@ func writeLimits(w io.Writer, l control.LimitStats, pr control.ProcessStats) {
 		fw.TCPHeld, fw.MaxTCP, fw.MaxTCPPerPeer, fw.TCPBusyPerPeer, fw.TCPBusyTotal,
 		fw.UDPHeld, fw.MaxUDP, fw.MaxUDPPerPeer, fw.UDPCapPerPeer, fw.UDPCapTotal, fw.UDPEvicted)
 	d := l.DNS
-	fmt.Fprintf(w, "  dns:\t%d rate limited (%d datagrams from untracked sources), %d queue full, %d expired, %d forward refused, %d coalesced, %d tcp refused, %d replies dropped, %d dropped, %d read errors\n",
-		d.RateLimited, d.Untracked, d.QueueFull, d.Expired, d.ForwardRefused, d.Coalesced, d.TCPRefused, d.ReplyDropped, d.Dropped, d.ReadErrors)
+	fmt.Fprintf(w, "  dns:\t%d policed before the socket, %d rate limited (%d datagrams from untracked sources), %d queue full, %d expired, %d forward refused, %d coalesced, %d tcp refused, %d replies dropped, %d dropped, %d read errors\n",
+		d.Policed, d.RateLimited, d.Untracked, d.QueueFull, d.Expired, d.ForwardRefused, d.Coalesced, d.TCPRefused, d.ReplyDropped, d.Dropped, d.ReadErrors)
 	memLimit := "none"
 	if pr.GoMemLimit > 0 {
 		memLimit = bytesString(uint64(pr.GoMemLimit))

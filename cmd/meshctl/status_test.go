@@ -47,7 +47,7 @@ func limitsStatus() control.Status {
 			},
 			DNS: control.DNSLimits{
 				RateLimited: 51, Untracked: 52, QueueFull: 53, Expired: 54, ForwardRefused: 55,
-				Coalesced: 56, TCPRefused: 57, ReplyDropped: 58, Dropped: 59, ReadErrors: 60,
+				Coalesced: 56, TCPRefused: 57, ReplyDropped: 58, Dropped: 59, ReadErrors: 60, Policed: 61,
 			},
 		},
 		Process: control.ProcessStats{
@@ -94,7 +94,7 @@ func TestStatusLimitsText(t *testing.T) {
 		{name: "forward listener", label: "forward listener",
 			want: "tcp 31 of 4001 (2001 per peer), busy 32 per peer, 33 total; udp 41 of 2002 (1001 per peer), dropped 42 per peer, 43 total, 44 evicted"},
 		{name: "dns", label: "dns",
-			want: "51 rate limited (52 datagrams from untracked sources), 53 queue full, 54 expired, 55 forward refused, 56 coalesced, 57 tcp refused, 58 replies dropped, 59 dropped, 60 read errors"},
+			want: "61 policed before the socket, 51 rate limited (52 datagrams from untracked sources), 53 queue full, 54 expired, 55 forward refused, 56 coalesced, 57 tcp refused, 58 replies dropped, 59 dropped, 60 read errors"},
 		{name: "process", label: "process",
 			want: "RSS 40.00 MiB (peak 90.00 MiB), heap 10.00 MiB of GOMEMLIMIT 200.00 MiB; 70 goroutines, GOMAXPROCS 2; 80 of 20000 files open"},
 		{name: "wireguard buffers", label: "wireguard buffers",
@@ -131,7 +131,7 @@ func TestStatusLimitsJSON(t *testing.T) {
 		{"limits.forward.tcpBusyPerPeer", 32}, {"limits.forward.tcpBusyTotal", 33},
 		{"limits.forward.udpHeld", 41}, {"limits.forward.maxUDP", 2002}, {"limits.forward.maxUDPPerPeer", 1001},
 		{"limits.forward.udpCapPerPeer", 42}, {"limits.forward.udpCapTotal", 43}, {"limits.forward.udpEvicted", 44},
-		{"limits.dns.rateLimited", 51}, {"limits.dns.untracked", 52}, {"limits.dns.queueFull", 53},
+		{"limits.dns.rateLimited", 51}, {"limits.dns.policed", 61}, {"limits.dns.untracked", 52}, {"limits.dns.queueFull", 53},
 		{"limits.dns.expired", 54}, {"limits.dns.forwardRefused", 55}, {"limits.dns.coalesced", 56},
 		{"limits.dns.tcpRefused", 57}, {"limits.dns.replyDropped", 58}, {"limits.dns.dropped", 59},
 		{"limits.dns.readErrors", 60},

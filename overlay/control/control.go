@@ -123,6 +123,9 @@ type DNSLimits struct {
 	// tracked: they share one rate.
 	RateLimited uint64 `json:"rateLimited"`
 	Untracked   uint64 `json:"untracked"`
+	// Policed counts UDP datagrams dropped before the DNS socket because their source was over its
+	// rate (the agent polices where datagrams arrive, so a flood does not fill the socket's buffer).
+	Policed uint64 `json:"policed"`
 	// QueueFull counts queries for the workers dropped because the queue was full; Expired those
 	// that waited longer than their client would.
 	QueueFull uint64 `json:"queueFull"`

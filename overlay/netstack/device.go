@@ -52,10 +52,17 @@ func (s *Stack) Write(bufs [][]byte, offset int) (int, error) {
 			s.logf(slog.LevelDebug, "dropped malformed packet", "len", len(pkt))
 			continue
 		}
-		if !s.serves(dst) {
+		local, served := s.serves(dst)
+		if !served {
 			s.droppedNotServed.Add(1)
 			s.logf(slog.LevelDebug, "dropped packet to an address not served", "dst", dst)
 			continue
+		}
+		if local && s.cfg.AdmitLocalUDP != nil {
+			if src, port, ok := udpSource(pkt); ok && !s.cfg.AdmitLocalUDP(src, netip.AddrPortFrom(dst, port)) {
+				s.droppedPoliced.Add(1)
+				continue
+			}
 		}
 		pb := stack.NewPacketBuffer(stack.PacketBufferOptions{Payload: packetPayload(pkt)})
 		pb.NetworkProtocolNumber = proto
@@ -192,19 +199,38 @@ func parseDst(pkt []byte) (tcpip.NetworkProtocolNumber, netip.Addr, bool) {
 	return 0, netip.Addr{}, false
 }
 
-// serves reports whether dst is in a service prefix or is a local address.
-func (s *Stack) serves(dst netip.Addr) bool {
-	for _, p := range s.cfg.Prefixes {
-		if p.Contains(dst) {
-			return true
-		}
-	}
+// serves reports whether dst is a local address or in a service prefix.
+func (s *Stack) serves(dst netip.Addr) (local, served bool) {
 	for _, a := range s.cfg.LocalAddrs {
 		if a == dst {
-			return true
+			return true, true
 		}
 	}
-	return false
+	for _, p := range s.cfg.Prefixes {
+		if p.Contains(dst) {
+			return false, true
+		}
+	}
+	return false, false
+}
+
+// udpSource returns the source address and destination port of pkt, a well-formed IP packet (see
+// parseDst), when it is UDP without IPv6 extension headers; ok is false otherwise.
+func udpSource(pkt []byte) (src netip.Addr, dport uint16, ok bool) {
+	switch pkt[0] >> 4 {
+	case 4:
+		ihl := int(pkt[0]&0x0f) * 4
+		if pkt[9] != uint8(header.UDPProtocolNumber) || len(pkt) < ihl+header.UDPMinimumSize {
+			return netip.Addr{}, 0, false
+		}
+		return netip.AddrFrom4([4]byte(pkt[12:16])), binary.BigEndian.Uint16(pkt[ihl+2:]), true
+	case 6:
+		if pkt[6] != uint8(header.UDPProtocolNumber) || len(pkt) < header.IPv6MinimumSize+header.UDPMinimumSize {
+			return netip.Addr{}, 0, false
+		}
+		return netip.AddrFrom16([16]byte(pkt[8:24])), binary.BigEndian.Uint16(pkt[header.IPv6MinimumSize+2:]), true
+	}
+	return netip.Addr{}, 0, false
 }
 
 // MTU returns the MTU of the device.

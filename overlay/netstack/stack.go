@@ -77,6 +77,11 @@ type Config struct {
 	// Flows to a LocalAddr on a port nobody listens on are refused by the stack (TCP RST, ICMP port
 	// unreachable), never given to Dialer.
 	LocalAddrs []netip.Addr
+	// AdmitLocalUDP, when set, is asked for every UDP datagram to a LocalAddr before the stack queues
+	// it (the agent's DNS server polices its sources there, dns.Server.AdmitDatagram, so a flood is
+	// dropped before it fills the socket's buffer); false drops it, counted in Stats.DroppedPoliced.
+	// It is called from Write's goroutine and must be quick.
+	AdmitLocalUDP func(src netip.Addr, dst netip.AddrPort) bool
 	// UDPIdleTimeout closes a UDP flow idle in both directions this long; 0 means 60s.
 	UDPIdleTimeout time.Duration
 	// ConnectTimeout is the deadline of DialFlow's ctx; 0 means 5s.
@@ -166,6 +171,8 @@ type Stats struct {
 	DroppedNotServed uint64
 	// DroppedOutbound counts packets the stack emitted that did not fit the reader's buffer.
 	DroppedOutbound uint64
+	// DroppedPoliced counts UDP datagrams to a LocalAddr that AdmitLocalUDP refused.
+	DroppedPoliced uint64
 }
 
 type flowCounters struct {
@@ -210,6 +217,7 @@ type Stack struct {
 	tcpStats, udpStats                                  flowCounters
 	packetsIn, packetsOut                               atomic.Uint64
 	droppedMalformed, droppedNotServed, droppedOutbound atomic.Uint64
+	droppedPoliced                                      atomic.Uint64
 	logLimiter                                          ratelimit.Limiter
 	// bufs holds the buffers flows take while data waits (see tcp.go, udp.go); tcpTable and udpTable
 	// hold a slot per flow, against the caps.
@@ -437,6 +445,7 @@ func (s *Stack) Stats() Stats {
 		DroppedMalformed: s.droppedMalformed.Load(),
 		DroppedNotServed: s.droppedNotServed.Load(),
 		DroppedOutbound:  s.droppedOutbound.Load(),
+		DroppedPoliced:   s.droppedPoliced.Load(),
 	}
 }
 

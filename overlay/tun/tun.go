@@ -73,9 +73,12 @@ type Device struct {
 	routes []*netlink.Route // routes Open added
 }
 
-// Open creates the TUN device, sets its MTU, adds Addrs, brings the link up and adds Routes, in the
-// network namespace of the calling thread. On failure it removes what it added and returns an error
-// saying what failed and how to fix it.
+// txQueueLen is the TUN device's queue length, in packets.
+const txQueueLen = 4096
+
+// Open creates the TUN device, sets its MTU and queue length, adds Addrs, brings the link up and adds
+// Routes, in the network namespace of the calling thread. On failure it removes what it added and
+// returns an error saying what failed and how to fix it.
 func Open(cfg Config) (_ *Device, err error) {
 	if cfg.Name == "" {
 		cfg.Name = defaultName
@@ -138,6 +141,12 @@ func Open(cfg Config) (_ *Device, err error) {
 	d.link, err = nl.LinkByName(cfg.Name)
 	if err != nil {
 		return nil, fmt.Errorf("tun %s: look up created link: %w", cfg.Name, err)
+	}
+	// The kernel queues packets for the agent's reader here; a burst beyond it is dropped before the
+	// agent sees it, whoever sent it. A deeper queue than the TUN default (500) rides out the bursts
+	// of a flood the agent's per-source limits then drop (about 6 MiB at most, of the kernel's memory).
+	if err := nl.LinkSetTxQLen(d.link, txQueueLen); err != nil {
+		return nil, fmt.Errorf("tun %s: set txqueuelen %d: %w", cfg.Name, txQueueLen, err)
 	}
 	for _, p := range cfg.Addrs {
 		a := &netlink.Addr{IPNet: ipNet(p)}

@@ -85,6 +85,9 @@ func TestOpenClose(t *testing.T) {
 		if err != nil {
 			t.Fatalf("link %s missing after Open: %v", name, err)
 		}
+		if link.Attrs().TxQLen != txQueueLen {
+			t.Errorf("link txqueuelen = %d, want %d", link.Attrs().TxQLen, txQueueLen)
+		}
 		if link.Attrs().MTU != 1400 {
 			t.Errorf("link MTU = %d, want 1400", link.Attrs().MTU)
 		}
