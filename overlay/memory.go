@@ -14,12 +14,14 @@ import (
 // checks the heap every releaseCheck and, when it holds releaseSlack more than the agent's idle
 // floor or has freeSlack freed but not returned, collects and returns everything free
 // (debug.FreeOSMemory), at most once per releaseEvery. A catalog change asks for a release at once:
-// the previous catalog and the parser's garbage are twice the live set.
+// the previous catalog and the parser's garbage are twice the live set. Each release also asks the
+// holders of wireguard-go's standing batches of packet buffers to give their pages back (package
+// trim), which the heap's accounting does not see.
 
 const (
 	releaseEvery = 2 * time.Second
 	releaseCheck = 5 * time.Second
-	releaseSlack = 16 << 20
+	releaseSlack = 8 << 20
 	// freeSlack is how much freed heap may stay unreturned: the runtime's own scavenger returns
 	// only what lies above the next collection's goal, which an idle agent never reaches.
 	freeSlack = 4 << 20
@@ -105,6 +107,9 @@ func (a *Agent) releaseMemory(ctx context.Context) {
 			}
 		}
 		debug.FreeOSMemory()
+		if m := a.meshP.Load(); m != nil {
+			m.trim.Request() // and the pages of wireguard-go's idle batches
+		}
 		last = time.Now()
 		a.releases.Add(1)
 		r.released(readHeap(samples))

@@ -23,6 +23,7 @@ import (
 	"github.com/edgewire/edgewire/discovery"
 	"github.com/edgewire/edgewire/overlay/forward"
 	"github.com/edgewire/edgewire/overlay/identity"
+	"github.com/edgewire/edgewire/overlay/internal/trim"
 	"github.com/edgewire/edgewire/overlay/path"
 	"github.com/edgewire/edgewire/relay"
 )
@@ -109,6 +110,9 @@ type mesh struct {
 	// maxBuffers bounds wireguard-go's message buffers (wgbuffers.go); buffers counts them.
 	maxBuffers uint32
 	buffers    bufferStats
+	// trim gives the pages of the idle batches of the TUN reader and the receivers back after a
+	// load (releaseMemory asks).
+	trim trim.Trimmer
 	// udpIdle is the forward listener's UDP idle timeout: the agent's, as the client's side closes
 	// a flow after it and the listener cannot tell.
 	udpIdle time.Duration
@@ -191,11 +195,11 @@ func deviceLogger(l *slog.Logger) *device.Logger {
 // start brings up wireguard-go on tunDev (the overlay side of mesh0), its UAPI socket and the forward
 // listener on the overlay address. tunDevice is the kernel interface name for SO_BINDTODEVICE.
 func (m *mesh) start(tunDev wgtun.Device, tunDevice string) error {
-	m.bind = path.NewBind(path.Config{Logger: m.root})
+	m.bind = path.NewBind(path.Config{Logger: m.root, Trim: &m.trim})
 	if err := m.newPaths(); err != nil {
 		return err
 	}
-	gate := newGatedTUN(tunDev)
+	gate := newGatedTUN(tunDev, &m.trim)
 	m.dev = device.NewDevice(gate, m.bind, deviceLogger(m.logger))
 	if err := boundBuffers(m.dev, m.maxBuffers, &m.buffers); err != nil {
 		m.logger.Error("wireguard-go's message buffers stay unbounded: memory may grow under load", "err", err)

@@ -13,6 +13,7 @@ import (
 	wgtun "golang.zx2c4.com/wireguard/tun"
 
 	"github.com/edgewire/edgewire/overlay/identity"
+	"github.com/edgewire/edgewire/overlay/internal/trim"
 )
 
 // wireguard-go keeps every packet it handles — read from the TUN, received from the Bind, queued
@@ -94,14 +95,23 @@ func boundBuffers(dev *device.Device, maxBuffers uint32, stats *bufferStats) err
 // no goroutine of the device reaches its pools before boundBuffers has replaced them.
 type gatedTUN struct {
 	wgtun.Device
+	trim      *trim.Trimmer // the TUN reader's batch is trimmed at its next Read when asked
+	holder    trim.Holder   // used by the one goroutine that calls Read
 	ready     chan struct{}
 	openOnce  sync.Once
 	events    chan wgtun.Event
 	forwarded sync.WaitGroup
 }
 
-func newGatedTUN(inner wgtun.Device) *gatedTUN {
-	return &gatedTUN{Device: inner, ready: make(chan struct{}), events: make(chan wgtun.Event)}
+func newGatedTUN(inner wgtun.Device, t *trim.Trimmer) *gatedTUN {
+	return &gatedTUN{Device: inner, trim: t, ready: make(chan struct{}), events: make(chan wgtun.Event)}
+}
+
+// Read trims the batch when asked (wireguard-go's TUN reader calls it with buffers of its own that
+// hold no packet: those it handed on were replaced), then reads.
+func (g *gatedTUN) Read(bufs [][]byte, sizes []int, offset int) (int, error) {
+	g.trim.Maybe(&g.holder, bufs)
+	return g.Device.Read(bufs, sizes, offset)
 }
 
 // open lets the device's goroutines through, and forwards the inner device's events from then on

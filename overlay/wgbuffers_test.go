@@ -44,7 +44,7 @@ func newBoundedPair(t *testing.T, maxBuffers uint32) *boundedPair {
 	for i := range 2 {
 		p.tuns[i] = tuntest.NewChannelTUN()
 		p.stats[i] = &bufferStats{}
-		gate := newGatedTUN(p.tuns[i].TUN())
+		gate := newGatedTUN(p.tuns[i].TUN(), nil)
 		dev := device.NewDevice(gate, binds[i], device.NewLogger(device.LogLevelError, fmt.Sprintf("dev%d: ", i)))
 		if err := boundBuffers(dev, maxBuffers, p.stats[i]); err != nil {
 			t.Fatalf("boundBuffers: %v (has wireguard-go's Device layout changed?)", err)

@@ -96,6 +96,8 @@ import (
 	"sync/atomic"
 
 	"golang.zx2c4.com/wireguard/conn"
+
+	"github.com/edgewire/edgewire/overlay/internal/trim"
 )
 
 // DefaultPort is the UDP port the node's WireGuard socket listens on unless configured otherwise.
@@ -112,6 +114,9 @@ type Config struct {
 	// OnPacket receives every datagram that is not WireGuard (called on the receive goroutine: must
 	// not block; the slice is only valid during the call). nil → such datagrams are dropped and counted.
 	OnPacket func(pkt []byte, from netip.AddrPort)
+	// Trim, when set, asks the receivers to give the pages of their idle batch back to the kernel
+	// (package trim); nil: never.
+	Trim *trim.Trimmer
 }
 
 // Stats are the Bind's counters since NewBind; they survive Close and Open.
@@ -139,6 +144,7 @@ type Bind struct {
 	log      *slog.Logger
 	inner    conn.Bind
 	onPacket atomic.Pointer[func(pkt []byte, from netip.AddrPort)] // nil: drop
+	trim     *trim.Trimmer                                         // nil: never
 	relays   atomic.Pointer[relayTable]                            // nil: no relay sessions
 	// preferred maps a peer's synthetic relay endpoints to the path this node chose for it, while
 	// that path answers: see unwrapRelayed.
@@ -170,6 +176,7 @@ func NewBind(cfg Config) *Bind {
 	b := &Bind{
 		log:   log.With("component", "path"),
 		inner: inner,
+		trim:  cfg.Trim,
 	}
 	b.setHandler(cfg.OnPacket)
 	return b

@@ -7,6 +7,7 @@ import (
 
 	"golang.zx2c4.com/wireguard/conn"
 
+	"github.com/edgewire/edgewire/overlay/internal/trim"
 	"github.com/edgewire/edgewire/relay"
 )
 
@@ -63,7 +64,9 @@ func (b *Bind) wrapReceive(fn conn.ReceiveFunc) conn.ReceiveFunc {
 }
 
 func (b *Bind) receiveIPv4(fn conn.ReceiveFunc) conn.ReceiveFunc {
+	var h trim.Holder
 	return func(bufs [][]byte, sizes []int, eps []conn.Endpoint) (int, error) {
+		b.trim.Maybe(&h, bufs) // wireguard-go calls with a batch of empty buffers of its own
 		n, err := fn(bufs, sizes, eps)
 		if err == nil {
 			b.demux(bufs[:n], sizes[:n], eps[:n])
@@ -73,7 +76,9 @@ func (b *Bind) receiveIPv4(fn conn.ReceiveFunc) conn.ReceiveFunc {
 }
 
 func (b *Bind) receiveIPv6(fn conn.ReceiveFunc) conn.ReceiveFunc {
+	var h trim.Holder
 	return func(bufs [][]byte, sizes []int, eps []conn.Endpoint) (int, error) {
+		b.trim.Maybe(&h, bufs) // wireguard-go calls with a batch of empty buffers of its own
 		n, err := fn(bufs, sizes, eps)
 		if err == nil {
 			b.demux(bufs[:n], sizes[:n], eps[:n])
@@ -83,7 +88,9 @@ func (b *Bind) receiveIPv6(fn conn.ReceiveFunc) conn.ReceiveFunc {
 }
 
 func (b *Bind) receive(fn conn.ReceiveFunc) conn.ReceiveFunc {
+	var h trim.Holder
 	return func(bufs [][]byte, sizes []int, eps []conn.Endpoint) (int, error) {
+		b.trim.Maybe(&h, bufs) // wireguard-go calls with a batch of empty buffers of its own
 		n, err := fn(bufs, sizes, eps)
 		if err == nil {
 			b.demux(bufs[:n], sizes[:n], eps[:n])
