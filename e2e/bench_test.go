@@ -116,6 +116,7 @@ func TestBench(t *testing.T) {
 	t.Run("dns", b.dns)
 	t.Run("loss", b.loss)
 	t.Run("scale", b.scale)
+	t.Run("load", b.load)
 
 	b.report.Finish()
 	b.report.WriteTable(os.Stdout)

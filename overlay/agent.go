@@ -6,6 +6,30 @@
 //
 // Lifecycle: New validates the Config and starts nothing; Run brings the agent up, serves until its
 // context is done or `meshctl down` is asked, then tears everything down in reverse order and returns.
+// The parts that touch the host (the TUN, the WireGuard socket, the identity, the UAPI socket, the
+// forward listener, local dials) come from the Config; nil means the real one (config.go).
+//
+// # States
+//
+// Run takes the agent through these states; every arrow but the last can also go to stopping,
+// when ctx is done, Down is called or a part fails to start:
+//
+//	new ──Run──► identity ──► catalog ──► data plane ──► mesh ──► up ──ctx/Down──► stopping ──► stopped
+//
+//	identity    the keys (Config.Identity or StateDir) and the overlay address
+//	catalog     the source runs; Run waits for its first snapshot. Every snapshot, then and later,
+//	            goes to the proxy and the DNS server at once and is kept as the latest (a.snap)
+//	data plane  service netstack, DNS server on it, TUN and splitter
+//	mesh        wireguard-go, the path manager, the relay client and the forward listener start;
+//	            the mesh is private to Run: snapshots that arrive meanwhile are only kept
+//	up          the mesh is published (a.meshP) and given the latest snapshot, both under
+//	            a.applyMu, so it sees every snapshot after that in order and never a half-started
+//	            mesh; the control socket serves; /readyz checks a live round trip
+//	stopping    everything started is closed in reverse order, and waited for
+//
+// Nothing but Run writes the mesh's parts (bind, paths, relays, dev, listener): they are set before
+// the mesh is published, so the catalog source, the relay client and the control socket read them
+// without a lock.
 package overlay
 
 import (
@@ -23,173 +47,14 @@ import (
 	"github.com/edgewire/edgewire/discovery"
 	"github.com/edgewire/edgewire/dns"
 	"github.com/edgewire/edgewire/overlay/control"
-	"github.com/edgewire/edgewire/overlay/forward"
 	"github.com/edgewire/edgewire/overlay/identity"
 	"github.com/edgewire/edgewire/overlay/netstack"
-	"github.com/edgewire/edgewire/overlay/path"
 	"github.com/edgewire/edgewire/overlay/proxy"
 	"github.com/edgewire/edgewire/overlay/tun"
 )
 
 // Version is the agent's version, set by the build.
 var Version = "dev"
-
-// Config is the agent's configuration, parsed once by cmd/meshctl. Zero values mean the defaults
-// written beside each field.
-type Config struct {
-	Logger *slog.Logger // nil: discard
-
-	NodeName string // required
-	// StateDir holds the node's keys and cached catalog; created 0700 if missing.
-	StateDir string
-	// ServiceCIDR is the range of service IPs routed to the TUN (default 9.251.0.0/16).
-	ServiceCIDR netip.Prefix
-	// DNSIP is the address the DNS server answers on, port 53 (default 169.254.96.16).
-	DNSIP netip.Addr
-	// ClusterDomain is the DNS zone of services (default cluster.local).
-	ClusterDomain string
-	// ControlSocket is the Unix socket `meshctl` verbs talk to (default /run/edgewire/meshctl.sock).
-	ControlSocket string
-	// TUNName is the name of the TUN device (default mesh0).
-	TUNName string
-	// MTU of the TUN device (default 1420).
-	MTU int
-	// UDPIdleTimeout closes a UDP flow idle this long in both directions (default 20s, as the
-	// kernel's conntrack keeps an unanswered UDP flow 30s: long enough for request/response
-	// protocols, short enough that a burst of flows from many ports is gone soon after it ends).
-	UDPIdleTimeout time.Duration
-	// ConnectTimeout bounds the connection to an endpoint, retries included (default 5s).
-	ConnectTimeout time.Duration
-	// ListenPort is the UDP port of the node's WireGuard socket (default 51820).
-	ListenPort uint16
-	// OverlayPrefix is the overlay range (default identity.DefaultOverlayPrefix, an IPv6 ULA /48);
-	// each node's overlay address in it is derived from its WireGuard public key.
-	OverlayPrefix netip.Prefix
-	// WGInterface names the WireGuard UAPI socket, /var/run/wireguard/<WGInterface>.sock, that `wg show`
-	// reads (default: TUNName).
-	WGInterface string
-	// WireGuardBuffers bounds wireguard-go's 64 KiB packet buffers (default DefaultWireGuardBuffers):
-	// the most memory its queues can hold is this many times 64 KiB. Beyond it the TUN reader and
-	// the socket receivers wait, and the kernel's queues drop (wgbuffers.go).
-	WireGuardBuffers int
-	// ForwardPort is the port, TCP and UDP, of the agent-to-agent forward listener on the overlay
-	// address (default forward.DefaultPort).
-	ForwardPort uint16
-
-	// Relays are the mesh-relay servers to register with ("host:port" or a multiaddr with
-	// /p2p/<peer ID>); none: peers come from the catalog alone and no NAT traversal happens.
-	Relays []string
-	// JoinToken admits the node to the relays. Never logged.
-	JoinToken string
-
-	// Upstreams are the resolvers ("ip:port") for names outside the cluster domain; none: SERVFAIL.
-	Upstreams []string
-
-	// Source supplies the catalog (required). SourceName describes it for `meshctl status`. When it
-	// is a discovery.Publisher too (the Kubernetes source), the agent publishes its WireGuard key,
-	// overlay address and LAN endpoints through it once WireGuard is up.
-	Source     discovery.Source
-	SourceName string
-
-	// HealthAddr is the address of the HTTP health endpoint (/healthz, /readyz); "" = none.
-	HealthAddr string
-	// Pprof serves the Go profiler under /debug/pprof/ on HealthAddr (off by default: profiles
-	// show what the agent is doing to anyone who can reach the address).
-	Pprof bool
-
-	// MaxTCPFlows caps the TCP flows held at once, by the service netstack (the flows this node's
-	// applications open to services) and by the forward listener (the flows other agents bring to
-	// this node's endpoints) each; their per-client caps follow (a quarter of it per client in the
-	// netstack, half of it per peer in the listener). 0: each derives its cap from the
-	// RLIMIT_NOFILE in force (netstack.DefaultMaxTCPFlows, forward.DefaultMaxTCPFlows).
-	// MaxUDPFlows is the same for UDP flows (netstack.DefaultMaxUDPFlows,
-	// forward.DefaultMaxUDPFlows).
-	MaxTCPFlows int
-	MaxUDPFlows int
-	// DNSSourceRate is how many UDP datagrams per second one source address may send to the DNS
-	// server (dns.Config.SourceRate; 0: dns.DefaultSourceRate; negative: no per-source limit).
-	DNSSourceRate int
-	// DNSMaxForwards bounds the DNS server's upstream exchanges in flight (dns.Config.MaxForwards;
-	// 0: dns.DefaultMaxForwards).
-	DNSMaxForwards int
-}
-
-func (c *Config) setDefaults() error {
-	if c.Logger == nil {
-		c.Logger = slog.New(slog.DiscardHandler)
-	}
-	if c.NodeName == "" {
-		return errors.New("node name is empty (set --node-name)")
-	}
-	if c.Source == nil {
-		return errors.New("no catalog source (set --services-file)")
-	}
-	if c.StateDir == "" {
-		c.StateDir = "/var/lib/edgewire"
-	}
-	if !c.ServiceCIDR.IsValid() {
-		c.ServiceCIDR = netip.MustParsePrefix("9.251.0.0/16")
-	}
-	c.ServiceCIDR = c.ServiceCIDR.Masked()
-	if !c.DNSIP.IsValid() {
-		c.DNSIP = netip.MustParseAddr("169.254.96.16")
-	}
-	if c.ClusterDomain == "" {
-		c.ClusterDomain = "cluster.local"
-	}
-	if c.ControlSocket == "" {
-		c.ControlSocket = "/run/edgewire/meshctl.sock"
-	}
-	if c.TUNName == "" {
-		c.TUNName = "mesh0"
-	}
-	if c.MTU == 0 {
-		c.MTU = 1420
-	}
-	if c.MTU < 1280 || c.MTU > 65535 {
-		return fmt.Errorf("mtu %d: must be 1280-65535", c.MTU)
-	}
-	if c.ListenPort == 0 {
-		c.ListenPort = path.DefaultPort
-	}
-	if !c.OverlayPrefix.IsValid() {
-		c.OverlayPrefix = identity.DefaultOverlayPrefix
-	}
-	if err := identity.CheckOverlayPrefix(c.OverlayPrefix); err != nil {
-		return fmt.Errorf("overlay prefix: %w", err)
-	}
-	c.OverlayPrefix = c.OverlayPrefix.Masked()
-	if c.WGInterface == "" {
-		c.WGInterface = c.TUNName
-	}
-	if c.ForwardPort == 0 {
-		c.ForwardPort = forward.DefaultPort
-	}
-	if c.WireGuardBuffers == 0 {
-		c.WireGuardBuffers = DefaultWireGuardBuffers
-	}
-	if c.WireGuardBuffers < minWireGuardBuffers {
-		return fmt.Errorf("wireguard buffers %d (--wireguard-buffers): at least %d, what the device's receivers and TUN reader hold", c.WireGuardBuffers, minWireGuardBuffers)
-	}
-	if c.UDPIdleTimeout == 0 {
-		c.UDPIdleTimeout = DefaultUDPIdleTimeout
-	}
-	if c.ConnectTimeout == 0 {
-		c.ConnectTimeout = 5 * time.Second
-	}
-	return nil
-}
-
-// DefaultUDPIdleTimeout is the default of Config.UDPIdleTimeout.
-const DefaultUDPIdleTimeout = 20 * time.Second
-
-// DefaultWireGuardBuffers is the default of Config.WireGuardBuffers: 48 MiB of buffers at most, of
-// which the device's receivers and TUN reader hold 384 (24 MiB) while idle.
-const DefaultWireGuardBuffers = 768
-
-// minWireGuardBuffers is what wireguard-go holds while idle: a batch for each of the Bind's two
-// receive functions and one for the TUN reader (3 x 128), plus room for a batch in flight.
-const minWireGuardBuffers = 512
 
 // Agent is one node's agent.
 type Agent struct {
@@ -198,7 +63,9 @@ type Agent struct {
 
 	proxy *proxy.Proxy
 	dns   *dns.Server
-	meshP atomic.Pointer[mesh] // set by Run once the identity is loaded
+	// meshP is the mesh once it is up (see States); applyMu orders its publication with apply.
+	meshP   atomic.Pointer[mesh]
+	applyMu sync.Mutex
 
 	started  time.Time
 	snap     atomic.Pointer[discovery.Snapshot]
@@ -250,21 +117,17 @@ func New(cfg Config) (*Agent, error) {
 func (a *Agent) Run(ctx context.Context) (err error) {
 	a.started = time.Now()
 	cfg := a.cfg
-	if err := os.MkdirAll(cfg.StateDir, 0o700); err != nil {
-		return fmt.Errorf("state dir: %w", err)
-	}
-	id, created, err := identity.LoadOrCreate(cfg.StateDir)
+	id, err := a.identity()
 	if err != nil {
-		return fmt.Errorf("node identity: %w", err)
+		return err
 	}
 	overlayAddr, err := identity.OverlayAddr(cfg.OverlayPrefix, id.WireGuardPublic)
 	if err != nil {
 		return fmt.Errorf("node identity: %w", err)
 	}
-	a.logger.Info("node identity", "created", created, "wireguard_public_key", id.WireGuardPublic.String(),
-		"overlay", overlayAddr, "state_dir", cfg.StateDir)
+	a.logger.Info("node overlay address", "overlay", overlayAddr)
+	// The mesh stays private to Run until it is up: see States.
 	m := newMesh(&cfg, id, overlayAddr)
-	a.meshP.Store(m)
 
 	var cleanups []func() error
 	defer func() {
@@ -362,7 +225,7 @@ func (a *Agent) Run(ctx context.Context) (err error) {
 	}
 	cleanups = append(cleanups, a.dns.Close)
 
-	dev, err := tun.Open(tun.Config{
+	dev, err := cfg.OpenTUN(tun.Config{
 		Logger: cfg.Logger,
 		Name:   cfg.TUNName,
 		MTU:    cfg.MTU,
@@ -392,7 +255,7 @@ func (a *Agent) Run(ctx context.Context) (err error) {
 	if err := m.start(overlayDev, dev.Name()); err != nil {
 		return err
 	}
-	m.apply(a.snap.Load())
+	a.publish(m)
 	if p, ok := cfg.Source.(discovery.Publisher); ok {
 		self := discovery.Self{WireGuardKey: id.WireGuardPublic.String(), Overlay: overlayAddr, Endpoints: m.interfaceEndpoints()}
 		a.logger.Info("publishing this node's WireGuard key and endpoints", "endpoints", self.Endpoints)
@@ -407,7 +270,11 @@ func (a *Agent) Run(ctx context.Context) (err error) {
 
 	if a.health != nil {
 		dnsAddr := dnsAP.String()
-		a.health.set("", func(ctx context.Context) error { return dns.Probe(ctx, dnsAddr, cfg.ClusterDomain) })
+		dial := (&net.Dialer{}).DialContext
+		if hd, ok := dev.(HostDialer); ok {
+			dial = hd.DialContext
+		}
+		a.health.set("", func(ctx context.Context) error { return probeDNS(ctx, dial, dnsAddr, cfg.ClusterDomain) })
 	}
 	a.logger.Info("agent up",
 		"node", cfg.NodeName, "tun", dev.Name(), "service_cidr", cfg.ServiceCIDR,
@@ -420,6 +287,35 @@ func (a *Agent) Run(ctx context.Context) (err error) {
 		a.logger.Info("shutting down", "reason", "meshctl down")
 	}
 	return nil
+}
+
+// identity returns the node's keys: Config.Identity, or those in StateDir (created there on the
+// first start).
+func (a *Agent) identity() (*identity.Identity, error) {
+	if a.cfg.Identity != nil {
+		a.logger.Info("node identity", "wireguard_public_key", a.cfg.Identity.WireGuardPublic.String(), "from", "config")
+		return a.cfg.Identity, nil
+	}
+	if err := os.MkdirAll(a.cfg.StateDir, 0o700); err != nil {
+		return nil, fmt.Errorf("state dir: %w", err)
+	}
+	id, created, err := identity.LoadOrCreate(a.cfg.StateDir)
+	if err != nil {
+		return nil, fmt.Errorf("node identity: %w", err)
+	}
+	a.logger.Info("node identity", "created", created, "wireguard_public_key", id.WireGuardPublic.String(),
+		"state_dir", a.cfg.StateDir)
+	return id, nil
+}
+
+// publish makes the started mesh m the agent's and gives it the latest snapshot, under applyMu:
+// a snapshot that apply kept before is applied here, and one that apply gets after this goes to
+// m after it, never before.
+func (a *Agent) publish(m *mesh) {
+	a.applyMu.Lock()
+	defer a.applyMu.Unlock()
+	a.meshP.Store(m)
+	m.apply(a.snap.Load())
 }
 
 // Down asks Run to return. It is safe to call more than once and from any goroutine.
@@ -436,10 +332,12 @@ func (a *Agent) apply(s *discovery.Snapshot) {
 	}
 	a.proxy.Update(s)
 	a.dns.Update(s)
+	a.applyMu.Lock()
 	a.snap.Store(s)
 	if m := a.meshP.Load(); m != nil {
 		m.apply(s)
 	}
+	a.applyMu.Unlock()
 	now := time.Now()
 	a.snapTime.Store(&now)
 	var eps int

@@ -16,8 +16,8 @@ import (
 	"sync/atomic"
 	"time"
 
+	"golang.zx2c4.com/wireguard/conn"
 	"golang.zx2c4.com/wireguard/device"
-	"golang.zx2c4.com/wireguard/ipc"
 	wgtun "golang.zx2c4.com/wireguard/tun"
 
 	"github.com/edgewire/edgewire/discovery"
@@ -122,12 +122,20 @@ type mesh struct {
 	dir    atomic.Pointer[directory]
 	dialer forward.Dialer
 
+	// The host's parts (Config): the WireGuard socket under the path Bind, the UAPI listener,
+	// the forward listener and the dialer of local endpoints.
+	socket      conn.Bind
+	listenUAPI  func(name string) (net.Listener, error)
+	newListener func(forward.ListenerConfig) (ForwardListener, error)
+	dialLocal   func(ctx context.Context, network, address string) (net.Conn, error)
+
+	// Set by start, before the agent publishes the mesh; read without a lock after that.
 	bind     *path.Bind
 	paths    *path.Manager
 	relays   *relay.Client // nil without --relay
 	dev      *device.Device
 	uapi     net.Listener
-	listener *forward.Listener
+	listener ForwardListener // nil: Config.ForwardListener gave none
 	wg       sync.WaitGroup
 
 	relayAddrs []string
@@ -164,7 +172,12 @@ func newMesh(cfg *Config, id *identity.Identity, overlay netip.Addr) *mesh {
 		maxTCP:     cfg.MaxTCPFlows,
 		maxUDP:     cfg.MaxUDPFlows,
 		dialer:     forward.Dialer{Port: cfg.ForwardPort, Spares: forwardSpares},
-		peers:      make(map[identity.Key]*peer),
+
+		socket:      cfg.WireGuardSocket,
+		listenUAPI:  cfg.ListenUAPI,
+		newListener: cfg.ForwardListener,
+		dialLocal:   cfg.DialLocal,
+		peers:       make(map[identity.Key]*peer),
 
 		relayAddrs: slices.Clone(cfg.Relays),
 		joinToken:  cfg.JoinToken,
@@ -195,7 +208,7 @@ func deviceLogger(l *slog.Logger) *device.Logger {
 // start brings up wireguard-go on tunDev (the overlay side of mesh0), its UAPI socket and the forward
 // listener on the overlay address. tunDevice is the kernel interface name for SO_BINDTODEVICE.
 func (m *mesh) start(tunDev wgtun.Device, tunDevice string) error {
-	m.bind = path.NewBind(path.Config{Logger: m.root, Trim: &m.trim})
+	m.bind = path.NewBind(path.Config{Logger: m.root, Inner: m.socket, Trim: &m.trim})
 	if err := m.newPaths(); err != nil {
 		return err
 	}
@@ -212,21 +225,17 @@ func (m *mesh) start(tunDev wgtun.Device, tunDevice string) error {
 	if err := m.dev.Up(); err != nil {
 		return fmt.Errorf("wireguard: up (is UDP port %d in use? set --listen-port): %w", m.listenPt, err)
 	}
-	f, err := ipc.UAPIOpen(m.wgName)
+	uapi, err := m.listenUAPI(m.wgName)
 	if err != nil {
-		return fmt.Errorf("wireguard: UAPI socket for %s (another agent with the same --wg-interface?): %w", m.wgName, err)
+		return err
 	}
-	m.uapi, err = ipc.UAPIListen(m.wgName, f)
-	if err != nil {
-		f.Close()
-		return fmt.Errorf("wireguard: UAPI listen %s: %w", m.wgName, err)
-	}
+	m.uapi = uapi
 	m.wg.Add(3)
 	go m.serveUAPI()
 	go m.keepaliveLoop()
 	go m.relieveBuffers()
 
-	m.listener, err = forward.NewListener(forward.ListenerConfig{
+	ln, err := m.newListener(forward.ListenerConfig{
 		Logger: m.root,
 		Addr:   m.overlay,
 		Port:   m.fwdPort,
@@ -241,8 +250,11 @@ func (m *mesh) start(tunDev wgtun.Device, tunDevice string) error {
 	if err != nil {
 		return fmt.Errorf("forward listener: %w", err)
 	}
-	if err := m.listener.Start(); err != nil {
-		return fmt.Errorf("forward listener on [%s]:%d: %w", m.overlay, m.fwdPort, err)
+	if ln != nil {
+		m.listener = ln
+		if err := ln.Start(); err != nil {
+			return fmt.Errorf("forward listener on [%s]:%d: %w", m.overlay, m.fwdPort, err)
+		}
 	}
 	if err := m.paths.Start(); err != nil {
 		return fmt.Errorf("path manager: %w", err)
@@ -253,7 +265,7 @@ func (m *mesh) start(tunDev wgtun.Device, tunDevice string) error {
 		}
 	}
 	m.logger.Info("wireguard up", "public_key", m.id.WireGuardPublic.String(), "overlay", m.overlay,
-		"listen_port", m.bind.Port(), "uapi", "/var/run/wireguard/"+m.wgName+".sock")
+		"listen_port", m.bind.Port(), "uapi", m.uapi.Addr().String())
 	return nil
 }
 
@@ -372,12 +384,11 @@ func (m *mesh) DialEndpoint(ctx context.Context, proto discovery.Protocol, ep *d
 			return m.dialer.Dial(ctx, proto, p.overlay, addr)
 		}
 	}
-	var d net.Dialer
 	network := "tcp"
 	if proto == discovery.UDP {
 		network = "udp"
 	}
-	return d.DialContext(ctx, network, addr.String())
+	return m.dialLocal(ctx, network, addr.String())
 }
 
 // PeerInfo is one WireGuard peer as the device reports it.

@@ -137,6 +137,13 @@ type Stats struct {
 	RelayedOut uint64
 	// RelayedOutDropped counts datagrams for a synthetic endpoint whose relay has no session.
 	RelayedOutDropped uint64
+	// SendPathErrors counts WireGuard sends to a peer's chosen endpoint that failed locally with a
+	// path error (EPERM, ENETUNREACH, ...: see pathError); each made the Manager count a lost probe.
+	SendPathErrors uint64
+	// Suspicions counts the times WireGuard data to a peer's chosen endpoint went unanswered for
+	// the suspicion delay, or the peer's datagrams came through a relay instead, and the Manager
+	// was woken to probe that path at once.
+	Suspicions uint64
 }
 
 // Bind is the node's conn.Bind. Its methods are safe for concurrent use.
@@ -149,6 +156,8 @@ type Bind struct {
 	// preferred maps a peer's synthetic relay endpoints to the path this node chose for it, while
 	// that path answers: see unwrapRelayed.
 	preferred atomic.Pointer[map[netip.AddrPort]netip.AddrPort]
+	// watch holds the endpoints the Manager applied, whose traffic is watched (watch.go).
+	watch atomic.Pointer[watchTable]
 
 	batchPool sync.Pool // *relayBatch
 
@@ -159,6 +168,7 @@ type Bind struct {
 	dropLog      logLimiter
 
 	relayedIn, relayedInDropped, relayedOut, relayedOutDropped atomic.Uint64
+	sendErrs, suspicions                                       atomic.Uint64
 }
 
 var _ conn.Bind = (*Bind)(nil)
@@ -237,12 +247,18 @@ func (b *Bind) SetMark(mark uint32) error {
 // Send sends WireGuard's datagrams through the inner Bind; to a synthetic endpoint it wraps each
 // in a DATA frame and sends them to that endpoint's relay (see the package doc). Errors from the
 // inner Bind are returned unwrapped: this is the hot path, and wireguard-go inspects them
-// (net.ErrClosed, UDP GSO errors).
+// (net.ErrClosed, UDP GSO errors). A send to a watched endpoint is noted (watch.go).
 func (b *Bind) Send(bufs [][]byte, ep conn.Endpoint) error {
+	var err error
 	if to, ok := syntheticOf(ep); ok {
-		return b.sendRelayed(bufs, to)
+		err = b.sendRelayed(bufs, to)
+	} else {
+		err = b.inner.Send(bufs, ep)
 	}
-	return b.inner.Send(bufs, ep)
+	if w := b.watch.Load(); w != nil {
+		b.noteSend(w, bufs, ep, err)
+	}
+	return err
 }
 
 // ParseEndpoint parses an endpoint of the inner Bind.
@@ -302,6 +318,8 @@ func (b *Bind) Stats() Stats {
 		RelayedInDropped:  b.relayedInDropped.Load(),
 		RelayedOut:        b.relayedOut.Load(),
 		RelayedOutDropped: b.relayedOutDropped.Load(),
+		SendPathErrors:    b.sendErrs.Load(),
+		Suspicions:        b.suspicions.Load(),
 	}
 }
 

@@ -105,6 +105,8 @@ func (b *Bind) receive(fn conn.ReceiveFunc) conn.ReceiveFunc {
 func (b *Bind) demux(bufs [][]byte, sizes []int, eps []conn.Endpoint) {
 	var wg, other, dropped uint64
 	onPacket := b.handler()
+	w := b.watch.Load()
+	var last netip.AddrPort // the source last noted for w: a batch mostly comes from one peer
 	for i, size := range sizes {
 		if size <= 0 || size > len(bufs[i]) {
 			continue // nothing here (receive contract), or nothing we can read
@@ -112,6 +114,12 @@ func (b *Bind) demux(bufs [][]byte, sizes []int, eps []conn.Endpoint) {
 		pkt := bufs[i][:size]
 		if isWireGuard(pkt) {
 			wg++
+			if w != nil {
+				if from, ok := endpointAddr(eps[i]); ok && from != last {
+					w.noteReceive(from)
+					last = from
+				}
+			}
 			continue
 		}
 		from, ok := endpointAddr(eps[i])

@@ -103,6 +103,14 @@ type ManagerStats struct {
 	BindAcks      uint64
 	PathChanges   uint64 // endpoints applied with SetEndpoint
 	Punches       uint64 // punches carried out (OnPunch)
+	// Suspicions counts the chosen paths probed at once because WireGuard data to them went
+	// unanswered, the peer's datagrams came through a relay instead, or a send failed.
+	Suspicions uint64
+	// SendErrors counts probes and WireGuard datagrams that could not leave (EPERM, ENETUNREACH,
+	// ...), each counted as a lost probe at once.
+	SendErrors uint64
+	// PathsDead counts alive paths declared dead (missesToDead lost probes in a row).
+	PathsDead uint64
 }
 
 // ManagerConfig configures a Manager. Zero durations take the defaults.
@@ -164,23 +172,31 @@ type timing struct {
 	// punchFirst and punchFirstLAN are how long after a peer appeared its first punch is
 	// requested: without and with a LAN address on one of this node's subnets.
 	punchFirst, punchFirstLAN time.Duration
+	// suspectAfter is how long WireGuard data to a chosen path may go unanswered before the path
+	// is probed at once; suspectTimeout the shortest wait for the PONG of such a probe, and
+	// suspectGap the shortest time between two of them (a probe that fails to leave is missed at
+	// once).
+	suspectAfter, suspectTimeout, suspectGap time.Duration
 }
 
 func newTiming(probe time.Duration) timing {
 	return timing{
-		probe:         probe,
-		alive:         probe * 5 / 2,
-		pongTimeout:   probe / 2,
-		tick:          probe / 4,
-		bind:          probe * 10,
-		bindRetry:     probe / 8,
-		punchBackoff:  probe * 5,
-		punchFor:      max(probe, 20*punchEvery),
-		ping:          probe / 2,
-		primeLead:     probe / 8,
-		retrigger:     probe / 40,
-		punchFirst:    probe / 16,
-		punchFirstLAN: probe / 2,
+		probe:          probe,
+		alive:          probe * 5 / 2,
+		pongTimeout:    probe / 2,
+		tick:           probe / 4,
+		bind:           probe * 10,
+		bindRetry:      probe / 8,
+		punchBackoff:   probe * 5,
+		punchFor:       max(probe, 20*punchEvery),
+		ping:           probe / 2,
+		primeLead:      probe / 8,
+		retrigger:      probe / 40,
+		punchFirst:     probe / 16,
+		punchFirstLAN:  probe / 2,
+		suspectAfter:   probe / 8,
+		suspectTimeout: probe / 10,
+		suspectGap:     probe / 40,
 	}
 }
 
@@ -204,7 +220,7 @@ type Manager struct {
 
 	stats struct {
 		pingsSent, pingsIn, pongsIn, malformed, badMAC, unknown, queueDropped, bindAcks,
-		pathChanges, punches atomic.Uint64
+		pathChanges, punches, suspicions, sendErrors, pathsDead atomic.Uint64
 	}
 	setLog logLimiter
 
@@ -218,6 +234,7 @@ type Manager struct {
 	txs       map[uint64]*tx
 	nextTx    uint64
 	reflexive netip.AddrPort
+	watched   map[netip.AddrPort]*activity // the Bind's watch table (detect.go); immutable
 }
 
 // rxPacket is a datagram copied off a receive goroutine (fixed size: no allocation).
@@ -316,6 +333,7 @@ func (m *Manager) Stats() ManagerStats {
 		Malformed: s.malformed.Load(), BadMAC: s.badMAC.Load(), UnknownSender: s.unknown.Load(),
 		QueueDropped: s.queueDropped.Load(), BindAcks: s.bindAcks.Load(),
 		PathChanges: s.pathChanges.Load(), Punches: s.punches.Load(),
+		Suspicions: s.suspicions.Load(), SendErrors: s.sendErrors.Load(), PathsDead: s.pathsDead.Load(),
 	}
 }
 

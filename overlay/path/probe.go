@@ -38,6 +38,8 @@ type candidate struct {
 	probeTx   uint64    // outstanding probe; 0: none
 	triggered time.Time // of the last triggered check
 	learned   time.Time // srcPeerReflexive: when last seen
+	suspect   bool      // probed at once and after every miss, with a short timeout (detect.go)
+	calmUntil time.Time // no new suspicion before
 }
 
 func (c *candidate) kind() Kind {
@@ -93,6 +95,7 @@ type tx struct {
 	peer  *peerState
 	addr  netip.AddrPort
 	sent  time.Time
+	wait  time.Duration // for the PONG; a background probe's miss after it
 	probe bool          // a background probe: a timeout is a miss
 	done  chan pongInfo // Ping's waiter (cap 1), or nil
 }
@@ -261,6 +264,7 @@ func (m *Manager) handlePingLocked(pkt []byte, from netip.AddrPort, now time.Tim
 		if c.probeTx == ping.TxID {
 			c.probeTx = 0
 		}
+		m.answeredLocked(c, now)
 	}
 	if t.done != nil {
 		t.done <- pongInfo{addr: t.addr, rtt: rtt}
@@ -319,10 +323,16 @@ func (m *Manager) sendProbeLocked(p *peerState, c *candidate, now time.Time, pro
 	frame := relay.AppendPing(nil, relay.Ping{Sender: m.cfg.PublicKey, TxID: id}, p.macKey)
 	if err := m.bind.SendTo(frame, c.addr); err != nil {
 		m.log.Debug("probe", "peer", p.info.Name, "addr", c.addr, "err", err)
+		if probe && pathError(err) {
+			// The probe cannot leave (a firewall, no route, no interface): lost, now.
+			c.lastSent = now
+			m.stats.sendErrors.Add(1)
+			m.missLocked(p, c, err.Error())
+		}
 		return 0
 	}
 	m.stats.pingsSent.Add(1)
-	m.txs[id] = &tx{peer: p, addr: c.addr, sent: now, probe: probe, done: done}
+	m.txs[id] = &tx{peer: p, addr: c.addr, sent: now, wait: m.probeTimeoutLocked(c), probe: probe, done: done}
 	if probe {
 		c.probeTx, c.lastSent = id, now
 	}
@@ -350,8 +360,12 @@ func (m *Manager) step() (next time.Time) {
 	var applies []apply
 	m.mu.Lock()
 	for id, t := range m.txs {
-		if t.done != nil || now.Sub(t.sent) < m.t.pongTimeout {
+		if t.done != nil {
 			continue // Ping removes its own transactions
+		}
+		if now.Sub(t.sent) < t.wait {
+			soon(t.sent.Add(t.wait))
+			continue
 		}
 		delete(m.txs, id)
 		if !t.probe {
@@ -359,11 +373,7 @@ func (m *Manager) step() (next time.Time) {
 		}
 		if c := t.peer.find(t.addr); c != nil && c.probeTx == id {
 			c.probeTx = 0
-			c.misses++
-			if c.alive && c.misses >= missesToDead {
-				c.alive = false
-				m.log.Info("path dead", "peer", t.peer.info.Name, "kind", c.kind(), "addr", c.addr)
-			}
+			m.missLocked(t.peer, c, "timeout")
 		}
 	}
 	for _, rs := range m.relays {
@@ -390,6 +400,7 @@ func (m *Manager) step() (next time.Time) {
 		soon(now.Add(m.bindRetryLocked(rs)))
 	}
 	for key, p := range m.peers {
+		soon(m.suspectLocked(p, now))
 		for _, c := range p.cands {
 			if c.probeTx != 0 {
 				continue
@@ -403,6 +414,8 @@ func (m *Manager) step() (next time.Time) {
 			}
 			due := c.lastSent.Add(m.t.probe)
 			switch {
+			case c.suspect:
+				due = c.lastSent.Add(m.t.suspectGap)
 			case c.alive && c.misses > 0:
 				due = c.lastSent.Add(m.t.pongTimeout)
 			case c.alive:
@@ -410,6 +423,8 @@ func (m *Manager) step() (next time.Time) {
 			}
 			if !now.Before(due) {
 				m.sendProbeLocked(p, c, now, true, nil)
+			} else if c.suspect {
+				soon(due)
 			}
 		}
 		prev := p.chosen
@@ -450,6 +465,11 @@ func (m *Manager) step() (next time.Time) {
 			m.stats.pathChanges.Add(1)
 			m.log.Info("path", "peer", a.name, "kind", a.kind, "endpoint", a.addr)
 		}
+	}
+	if len(applies) > 0 {
+		m.mu.Lock()
+		m.updateWatchLocked()
+		m.mu.Unlock()
 	}
 	if !next.IsZero() && next.Sub(now) >= m.t.tick {
 		next = time.Time{} // the ticker comes first
@@ -581,7 +601,8 @@ func (m *Manager) updatePreferredLocked() {
 	next := make(map[netip.AddrPort]netip.AddrPort)
 	for _, p := range m.peers {
 		c := p.chosen
-		if c == nil || !c.alive {
+		if c == nil || !c.alive || c.suspect || c.misses > 0 {
+			// A suspected choice leaves wireguard-go free to follow the peer onto a relay.
 			continue
 		}
 		for _, rt := range p.info.Relays {

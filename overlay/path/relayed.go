@@ -179,12 +179,20 @@ func (b *Bind) unwrapRelayed(r int, bufs [][]byte, sizes []int, eps []conn.Endpo
 		sizes[i] = copy(bufs[i], payload)
 		std.ClearSrc()
 		std.AddrPort = synth
+		w := b.watch.Load()
+		if w != nil {
+			w.noteReceive(synth)
+		}
 		if pref := b.preferred.Load(); pref != nil {
 			// This node chose another path to the peer (direct, or another relay): a datagram the
 			// peer sent through this relay must not make wireguard-go roam here (see
-			// Manager.updatePreferredLocked).
+			// Manager.updatePreferredLocked). That the peer sends here may mean it found the
+			// chosen path dead: the Manager checks it at once.
 			if chosen, ok := (*pref)[synth]; ok {
 				std.AddrPort = chosen
+				if w != nil {
+					b.noteElsewhere(w, chosen)
+				}
 			}
 		}
 		b.relayedIn.Add(1)
