@@ -28,6 +28,8 @@ type AgentOptions struct {
 	// (MemCgroup.Command).
 	Cgroup *MemCgroup
 	NoFile int
+	// Env are VAR=value settings for the agent's environment.
+	Env []string
 }
 
 // Agent is a `meshctl up` running in a node, with a state directory and control socket of its own
@@ -73,6 +75,9 @@ func StartAgent(t testing.TB, n *Node, o AgentOptions) *Agent {
 		args = append(args, "--wg-interface", "ew"+n.lab.ID+"-"+n.Role)
 	}
 	args = append(args, o.Extra...)
+	if len(o.Env) > 0 {
+		args = append(append([]string{"env"}, o.Env...), args...)
+	}
 	if o.Cgroup != nil {
 		a.Proc = n.lab.start(t, n.Role, "agent", o.Cgroup.Command(n.NS, o.NoFile, args...))
 	} else {

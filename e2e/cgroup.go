@@ -23,7 +23,7 @@ type MemCgroup struct {
 // missing, on a machine without the v1 memory controller.
 func NewMemCgroup(t testing.TB, lab *Lab, role string, limit int64) *MemCgroup {
 	t.Helper()
-	parent, err := ownMemCgroup()
+	parent, err := ownCgroup("memory")
 	if err != nil {
 		t.Fatalf("memory cgroup: %v (the load tests need the cgroup v1 memory controller at %s)", err, memCgroupRoot)
 	}
@@ -40,23 +40,27 @@ func NewMemCgroup(t testing.TB, lab *Lab, role string, limit int64) *MemCgroup {
 	return cg
 }
 
-// ownMemCgroup is the memory cgroup directory of this process.
-func ownMemCgroup() (string, error) {
+// ownCgroup is this process's cgroup directory of the v1 controller (memory, cpu).
+func ownCgroup(controller string) (string, error) {
 	data, err := os.ReadFile("/proc/self/cgroup")
 	if err != nil {
 		return "", err
 	}
 	for _, line := range strings.Split(string(data), "\n") {
 		parts := strings.SplitN(line, ":", 3)
-		if len(parts) == 3 && strings.Contains(","+parts[1]+",", ",memory,") {
-			dir := filepath.Join(memCgroupRoot, parts[2])
-			if _, err := os.Stat(filepath.Join(dir, "memory.limit_in_bytes")); err != nil {
-				return "", err
-			}
-			return dir, nil
+		if len(parts) != 3 || !strings.Contains(","+parts[1]+",", ","+controller+",") {
+			continue
 		}
+		// The hierarchy may be mounted under a combined name (cpu,cpuacct).
+		for _, mount := range []string{controller, parts[1]} {
+			dir := filepath.Join("/sys/fs/cgroup", mount, parts[2])
+			if _, err := os.Stat(filepath.Join(dir, "cgroup.procs")); err == nil {
+				return dir, nil
+			}
+		}
+		return "", fmt.Errorf("no %s hierarchy mounted under /sys/fs/cgroup", controller)
 	}
-	return "", fmt.Errorf("no memory controller in /proc/self/cgroup")
+	return "", fmt.Errorf("no %s controller in /proc/self/cgroup", controller)
 }
 
 func (cg *MemCgroup) write(t testing.TB, file, value string) {
