@@ -58,6 +58,22 @@
 // addresses every 75ms (see DESIGN.md for why two masquerade NATs defeat a naive simultaneous
 // punch). An unanswered BIND is repeated after an eighth of an interval, doubling up to one.
 //
+// # Failure detection
+//
+// Probes alone notice a dead path only after three missed probes of the alive re-check: seconds.
+// Two signals make it faster while traffic flows. The Bind watches the endpoint the Manager
+// applied for each peer (watch.go): WireGuard data or a handshake initiation sent there while no
+// datagram came back from it for an eighth of a probe interval (250ms), or the peer's datagrams
+// arriving through a relay although this node chose a direct path, raise a suspicion and wake the
+// Manager, which probes the path at once and again after every miss, each probe waiting three RTTs
+// (at least a tenth of an interval, 200ms): three misses in a row make it dead, and the choice
+// moves on in the same step (about 0.9s from the first unanswered datagram at the defaults). A PONG
+// ends the suspicion. A send that fails locally with a path error (EPERM from a firewall,
+// ENETUNREACH, EHOSTUNREACH, ENETDOWN, EADDRNOTAVAIL, ENODEV, ENXIO: see pathError), whether
+// WireGuard's or a probe's, counts as a lost probe at once. An idle peer sends nothing and costs
+// no more than its probes; a one-way flow, which the peer does not answer, costs one PING per
+// suspicion delay.
+//
 // # Demultiplexing
 //
 // A received datagram is WireGuard when it is a well-formed WireGuard message: its first byte is the

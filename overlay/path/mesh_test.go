@@ -29,6 +29,8 @@ type lab struct {
 	probe time.Duration
 	// onPunch, when set, is told of every punch request (from the requesting node's Manager).
 	onPunch func(from *labNode, peer string)
+	// inner, when set, wraps the socket of every node added (a fault injector).
+	inner func(name string, b conn.Bind) conn.Bind
 }
 
 // labNode is one node: a Bind over a pathtest socket, a receive loop standing in for
@@ -81,7 +83,11 @@ func (l *lab) addNode(name, addr string, nat *pathtest.NAT) *labNode {
 	copy(n.pub[:], pub)
 	n.key = make([]byte, 32)
 	rand.Read(n.key)
-	n.bind = NewBind(Config{Inner: l.net.NewBind(n.lanAddr, nat)})
+	var inner conn.Bind = l.net.NewBind(n.lanAddr, nat)
+	if l.inner != nil {
+		inner = l.inner(name, inner)
+	}
+	n.bind = NewBind(Config{Inner: inner})
 	fns, _, err := n.bind.Open(0)
 	if err != nil {
 		l.tb.Fatalf("open: %v", err)

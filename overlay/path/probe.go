@@ -601,8 +601,9 @@ func (m *Manager) updatePreferredLocked() {
 	next := make(map[netip.AddrPort]netip.AddrPort)
 	for _, p := range m.peers {
 		c := p.chosen
-		if c == nil || !c.alive || c.suspect || c.misses > 0 {
-			// A suspected choice leaves wireguard-go free to follow the peer onto a relay.
+		if c == nil || !c.alive || c.misses > 0 {
+			// A choice that missed a probe leaves wireguard-go free to follow the peer onto a
+			// relay: the peer may have found the path dead first.
 			continue
 		}
 		for _, rt := range p.info.Relays {

@@ -186,11 +186,12 @@ func (b *Bind) unwrapRelayed(r int, bufs [][]byte, sizes []int, eps []conn.Endpo
 		if pref := b.preferred.Load(); pref != nil {
 			// This node chose another path to the peer (direct, or another relay): a datagram the
 			// peer sent through this relay must not make wireguard-go roam here (see
-			// Manager.updatePreferredLocked). That the peer sends here may mean it found the
-			// chosen path dead: the Manager checks it at once.
+			// Manager.updatePreferredLocked). When this node chose a direct path, that the peer
+			// sends here may mean it found that path dead: the Manager checks it at once. (Two
+			// nodes on different relays is no sign of anything.)
 			if chosen, ok := (*pref)[synth]; ok {
 				std.AddrPort = chosen
-				if w != nil {
+				if w != nil && !syntheticPrefix.Contains(chosen.Addr()) {
 					b.noteElsewhere(w, chosen)
 				}
 			}
