@@ -309,7 +309,7 @@ func testLogger(t *testing.T, node string) *slog.Logger {
 			lb.mu.Unlock()
 		}
 	})
-	return slog.New(slog.NewTextHandler(lb, &slog.HandlerOptions{Level: slog.LevelDebug})).With("node", node)
+	return slog.New(slog.NewTextHandler(lb, &slog.HandlerOptions{Level: slog.LevelInfo})).With("node", node)
 }
 
 const logKeep = 4 << 20
