@@ -42,22 +42,23 @@ func waitCond(tb testing.TB, what string, cond func() bool) {
 // feed is a discovery.Source the test drives: Run applies the snapshots sent on it, in order, and
 // calls onApplied after each.
 type feed struct {
-	snaps     chan *discovery.Snapshot
-	onApplied func()
+	snaps   chan *discovery.Snapshot
+	running chan struct{} // closed when Run is first called
+	once    sync.Once
 }
 
-func newFeed() *feed { return &feed{snaps: make(chan *discovery.Snapshot, 64)} }
+func newFeed() *feed {
+	return &feed{snaps: make(chan *discovery.Snapshot, 64), running: make(chan struct{})}
+}
 
 func (f *feed) Run(ctx context.Context, update func(*discovery.Snapshot)) error {
+	f.once.Do(func() { close(f.running) })
 	for {
 		select {
 		case <-ctx.Done():
 			return nil
 		case s := <-f.snaps:
 			update(s)
-			if f.onApplied != nil {
-				f.onApplied()
-			}
 		}
 	}
 }
@@ -143,12 +144,18 @@ func (ta *testAgent) config(t *testing.T, n *pathtest.Network) Config {
 // start runs the agent with cfg; stop ends it.
 func (ta *testAgent) start(t *testing.T, cfg Config) {
 	t.Helper()
+	ta.startCtx(t, context.Background(), cfg)
+}
+
+// startCtx runs the agent with cfg under ctx.
+func (ta *testAgent) startCtx(t *testing.T, ctx context.Context, cfg Config) {
+	t.Helper()
 	a, err := New(cfg)
 	if err != nil {
 		t.Fatal(err)
 	}
 	ta.agent, ta.cfg = a, cfg
-	ctx, cancel := context.WithCancel(context.Background())
+	ctx, cancel := context.WithCancel(ctx)
 	ta.cancel = cancel
 	ta.done = make(chan error, 1)
 	go func() { ta.done <- a.Run(ctx) }()
