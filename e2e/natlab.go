@@ -535,6 +535,19 @@ func (w *PathWatcher) First(agent, peer, kind string) (time.Time, bool) {
 	return time.Time{}, false
 }
 
+// FirstSince returns when agent first saw kind as its path to peer at or after since, and whether
+// it has.
+func (w *PathWatcher) FirstSince(agent, peer, kind string, since time.Time) (time.Time, bool) {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	for _, e := range w.events {
+		if e.Agent == agent && e.Peer == peer && e.Kind == kind && !e.At.Before(since) {
+			return e.At, true
+		}
+	}
+	return time.Time{}, false
+}
+
 // History describes every path change of agent to peer, relative to since.
 func (w *PathWatcher) History(agent, peer string, since time.Time) string {
 	w.mu.Lock()
@@ -592,18 +605,59 @@ func StartLoop(request func() Result) *RequestLoop {
 	return lp
 }
 
-// Stop ends the loop, waits for its goroutine (idempotent) and returns every result.
+// StartPacedLoop starts request every interval, each in a goroutine of its own, until Stop: a
+// client that keeps its pace whatever the answers take. At most maxInFlight requests run at once;
+// a start that finds them all busy is recorded as a failed Result.
+func StartPacedLoop(interval time.Duration, maxInFlight int, request func() Result) *RequestLoop {
+	ctx, cancel := context.WithCancel(context.Background())
+	lp := &RequestLoop{cancel: cancel, done: make(chan struct{})}
+	record := func(r Result) {
+		lp.mu.Lock()
+		lp.results = append(lp.results, r)
+		lp.mu.Unlock()
+	}
+	go func() {
+		defer close(lp.done)
+		var wg sync.WaitGroup
+		defer wg.Wait()
+		slots := make(chan struct{}, maxInFlight)
+		ticker := time.NewTicker(interval)
+		defer ticker.Stop()
+		for {
+			select {
+			case slots <- struct{}{}:
+				wg.Go(func() {
+					defer func() { <-slots }()
+					record(request())
+				})
+			default:
+				now := time.Now()
+				record(Result{Start: now, End: now, Detail: fmt.Sprintf("not started: %d requests in flight", maxInFlight)})
+			}
+			select {
+			case <-ctx.Done():
+				return
+			case <-ticker.C:
+			}
+		}
+	}()
+	return lp
+}
+
+// Stop ends the loop, waits for its goroutines (idempotent) and returns every result.
 func (lp *RequestLoop) Stop() []Result {
 	lp.cancel()
 	<-lp.done
 	return lp.Results()
 }
 
-// Results returns the results so far.
+// Results returns the results so far, in the order they started.
 func (lp *RequestLoop) Results() []Result {
 	lp.mu.Lock()
 	defer lp.mu.Unlock()
-	return slices.Clone(lp.results)
+	rs := slices.Clone(lp.results)
+	slices.SortStableFunc(rs, func(a, b Result) int { return a.Start.Compare(b.Start) })
+	return rs
 }
 
 // WaitSuccess waits until a request started at or after since has succeeded (timeout after since),
@@ -637,7 +691,8 @@ func Summarize(rs []Result, from, to time.Time) (n int, failed []string, gap tim
 		}
 		n++
 		if !r.OK {
-			failed = append(failed, fmt.Sprintf("%+v: %s", r.Start.Sub(from).Round(time.Millisecond), r.Detail))
+			failed = append(failed, fmt.Sprintf("%+v (after %v): %s", r.Start.Sub(from).Round(time.Millisecond),
+				r.End.Sub(r.Start).Round(time.Millisecond), r.Detail))
 			continue
 		}
 		if !last.IsZero() {

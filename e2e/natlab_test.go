@@ -290,6 +290,8 @@ func TestNATLab(t *testing.T) {
 	t.Run("6 relay killed after direct", l.testRelayKilledDirect)
 	t.Run("7 relay restarted while relayed", l.testRelayRestarted)
 	t.Run("8 two relays one killed", l.testTwoRelays)
+	t.Run("9 direct path cut silently", l.testDirectCut)
+	t.Run("10 lan path refused by a firewall", l.testLANRefused)
 	t.Run("join token not logged", l.testTokenNotLogged)
 	for _, pair := range [][2]string{{"a1", "a2"}, {"a1", "b1"}, {"b1", "a1"}, {"c1", "d1"}, {"a1", "c1"}, {"c1", "a1"},
 		{"a1", "cloud"}, {"c1", "cloud"}, {"cloud", "c1"}} {
@@ -306,7 +308,9 @@ func TestNATLab(t *testing.T) {
 			var lines []string
 			for line := range strings.Lines(l.h(role).agent.Log()) {
 				if strings.Contains(line, "punch") || strings.Contains(line, "prime") || strings.Contains(line, "msg=path ") ||
-					strings.Contains(line, "registered with relay") || strings.Contains(line, "relay session") {
+					strings.Contains(line, "registered with relay") || strings.Contains(line, "relay session") ||
+					strings.Contains(line, `msg="path dead"`) || strings.Contains(line, `msg="path suspected"`) ||
+					strings.Contains(line, "endpoint ejected") {
 					lines = append(lines, line)
 				}
 			}

@@ -34,8 +34,9 @@
 // node's synthetic endpoint, so wireguard-go sees ordinary WireGuard traffic, with no copy to
 // another buffer and no allocation. When the Manager chose another path to that node (direct, or
 // through another relay), the endpoint is that path's instead: wireguard-go roams to the source
-// of every datagram, and must stay on the chosen path. A PING or PONG payload goes to the packet
-// handler from the synthetic endpoint, like a direct one.
+// of every datagram, and must stay on the chosen path (the same holds for a WireGuard datagram
+// from any other candidate address of a peer whose chosen path answers). A PING or PONG payload
+// goes to the packet handler from the synthetic endpoint, like a direct one.
 //
 // # Paths
 //
@@ -65,14 +66,29 @@
 // applied for each peer (watch.go): WireGuard data or a handshake initiation sent there while no
 // datagram came back from it for an eighth of a probe interval (250ms), or the peer's datagrams
 // arriving through a relay although this node chose a direct path, raise a suspicion and wake the
-// Manager, which probes the path at once and again after every miss, each probe waiting three RTTs
-// (at least a tenth of an interval, 200ms): three misses in a row make it dead, and the choice
-// moves on in the same step (about 0.9s from the first unanswered datagram at the defaults). A PONG
-// ends the suspicion. A send that fails locally with a path error (EPERM from a firewall,
-// ENETUNREACH, EHOSTUNREACH, ENETDOWN, EADDRNOTAVAIL, ENODEV, ENXIO: see pathError), whether
-// WireGuard's or a probe's, counts as a lost probe at once. An idle peer sends nothing and costs
-// no more than its probes; a one-way flow, which the peer does not answer, costs one PING per
-// suspicion delay.
+// Manager (detect.go), which probes the path at once and again after every miss, each probe
+// waiting three RTTs (at least a twentieth of an interval, 100ms): three misses in a row make it
+// dead, and the choice moves on in the same step, about 0.6s after the first unanswered datagram
+// at the defaults. A PONG ends the suspicion. A send that fails locally with a path error (EPERM
+// from a firewall, ENETUNREACH, EHOSTUNREACH, ENETDOWN, EADDRNOTAVAIL, ENODEV, ENXIO: see
+// pathError), whether WireGuard's or a probe's, counts as a lost probe at once. An idle peer sends
+// nothing and costs no more than its probes; a one-way flow, which the peer does not answer, costs
+// one PING per suspicion delay. The last 32 small datagrams (at most 256 bytes: SYNs, ACKs, small
+// requests) sent to each watched endpoint are kept and sent again on the new path when the old
+// one dies, so that a connection opened during the outage does not wait for TCP's 1s SYN
+// retransmission; WireGuard's replay filter drops the copies of those that did arrive.
+//
+// # First packets
+//
+// wireguard-go sends a handshake initiation for the first packet to a peer and no other for 5s,
+// even when that one went nowhere (the peer had no endpoint yet, or a guess that does not answer).
+// So until one of a peer's paths answers (or a probe interval has passed), the Manager gives
+// wireguard-go the peer's hold endpoint 127.3.0.(ID>>16):(ID&0xffff), and the Bind keeps the
+// initiation sent there instead of sending it (hold.go; at most 4096 held). When a path answers,
+// the Manager applies it and releases the held initiation to it: at once from the node with the
+// lower key, and from the other only if the peer has sent nothing within a short wait (four RTTs,
+// 100-500ms), since two crossing initiations would invalidate each other. The handshake then
+// completes one round trip later and wireguard-go sends the packets it staged meanwhile.
 //
 // # Demultiplexing
 //
@@ -160,6 +176,14 @@ type Stats struct {
 	// the suspicion delay, or the peer's datagrams came through a relay instead, and the Manager
 	// was woken to probe that path at once.
 	Suspicions uint64
+	// HeldInitiations counts handshake initiations wireguard-go sent to a hold endpoint, kept
+	// instead of sent (hold.go); HeldReleased those sent on once a path answered; HeldDropped
+	// those never sent (replaced by the peer's own initiation, too old, or beyond maxHeld) and the
+	// other datagrams sent to a hold endpoint.
+	HeldInitiations, HeldReleased, HeldDropped uint64
+	// Replayed counts small datagrams sent to a path that died and sent again on the next one at
+	// the failover (watch.go).
+	Replayed uint64
 }
 
 // Bind is the node's conn.Bind. Its methods are safe for concurrent use.
@@ -174,6 +198,7 @@ type Bind struct {
 	preferred atomic.Pointer[map[netip.AddrPort]netip.AddrPort]
 	// watch holds the endpoints the Manager applied, whose traffic is watched (watch.go).
 	watch atomic.Pointer[watchTable]
+	holds holdTable // initiations sent to hold endpoints (hold.go)
 
 	batchPool sync.Pool // *relayBatch
 
@@ -185,6 +210,8 @@ type Bind struct {
 
 	relayedIn, relayedInDropped, relayedOut, relayedOutDropped atomic.Uint64
 	sendErrs, suspicions                                       atomic.Uint64
+	heldIn, heldReleased, heldDropped                          atomic.Uint64
+	replayed                                                   atomic.Uint64
 }
 
 var _ conn.Bind = (*Bind)(nil)
@@ -267,6 +294,9 @@ func (b *Bind) SetMark(mark uint32) error {
 func (b *Bind) Send(bufs [][]byte, ep conn.Endpoint) error {
 	var err error
 	if to, ok := syntheticOf(ep); ok {
+		if holdPrefix.Contains(to.Addr()) {
+			return b.hold(bufs, to)
+		}
 		err = b.sendRelayed(bufs, to)
 	} else {
 		err = b.inner.Send(bufs, ep)
@@ -336,6 +366,10 @@ func (b *Bind) Stats() Stats {
 		RelayedOutDropped: b.relayedOutDropped.Load(),
 		SendPathErrors:    b.sendErrs.Load(),
 		Suspicions:        b.suspicions.Load(),
+		HeldInitiations:   b.heldIn.Load(),
+		HeldReleased:      b.heldReleased.Load(),
+		HeldDropped:       b.heldDropped.Load(),
+		Replayed:          b.replayed.Load(),
 	}
 }
 

@@ -109,14 +109,22 @@ func (m *Manager) answeredLocked(c *candidate, now time.Time) {
 // stay.
 func (m *Manager) updateWatchLocked() {
 	next := make(map[netip.AddrPort]*activity, len(m.peers))
-	for _, p := range m.peers {
-		if !p.applied.IsValid() {
-			continue
-		}
-		if a := m.watched[p.applied]; a != nil {
-			next[p.applied] = a
+	watch := func(addr netip.AddrPort) {
+		if a := m.watched[addr]; a != nil {
+			next[addr] = a
 		} else {
-			next[p.applied] = &activity{}
+			next[addr] = &activity{}
+		}
+	}
+	for _, p := range m.peers {
+		if p.applied.IsValid() && p.applied != p.hold {
+			watch(p.applied)
+		}
+		if !p.releaseAt.IsZero() {
+			// A delayed release of a held initiation: heard from any of the peer's addresses?
+			for _, c := range p.cands {
+				watch(c.addr)
+			}
 		}
 	}
 	if m.watched != nil && maps.EqualFunc(next, m.watched, func(a, b *activity) bool { return a == b }) {
@@ -124,4 +132,26 @@ func (m *Manager) updateWatchLocked() {
 	}
 	m.watched = next
 	m.bind.setWatch(&watchTable{byAddr: next, suspectAfter: int64(m.t.suspectAfter), wake: m.poke})
+}
+
+// replayLocked sends the datagrams kept for p's applied endpoint again on to, when p moves from
+// that endpoint because it stopped answering (see replayRing).
+func (m *Manager) replayLocked(p *peerState, to netip.AddrPort) {
+	old := p.applied
+	if !old.IsValid() || old == p.hold || old == to {
+		return
+	}
+	if c := p.find(old); c != nil && c.alive && c.misses == 0 {
+		return // an upgrade: the old path still works
+	}
+	a := m.watched[old]
+	if a == nil {
+		return
+	}
+	n, err := m.bind.replay(a, to)
+	if err != nil {
+		m.log.Debug("replay", "peer", p.info.Name, "from", old, "to", to, "err", err)
+	} else if n > 0 {
+		m.log.Debug("replayed on the new path", "peer", p.info.Name, "datagrams", n, "from", old, "to", to)
+	}
 }

@@ -1,6 +1,7 @@
 package path
 
 import (
+	"bytes"
 	"cmp"
 	"fmt"
 	"net"
@@ -271,6 +272,9 @@ func TestFailoverOnFailure(t *testing.T) {
 			if st := a.mgr.Stats(); st.PathsDead == 0 {
 				t.Errorf("a declared no path dead: %+v", st)
 			}
+			if tc.flow && a.bind.Stats().Replayed+b.bind.Stats().Replayed == 0 {
+				t.Errorf("nothing sent into the dead path was replayed on the relay: %+v, %+v", a.bind.Stats(), b.bind.Stats())
+			}
 		})
 	}
 }
@@ -346,4 +350,77 @@ func (l *lab) dropAllButRelay() {
 		relays[r.Addr()] = true
 	}
 	l.net.SetDrop(func(from, to netip.AddrPort) bool { return !relays[from] && !relays[to] })
+}
+
+// TestReplayRing: what the ring keeps for a replay, and what a replay hands back.
+func TestReplayRing(t *testing.T) {
+	small := func(i int) []byte { p := wgMsg(wgTypeTransport, 100); p[50] = byte(i); return p }
+	tests := []struct {
+		name string
+		sent [][]byte
+		age  time.Duration // how long ago they were sent
+		want int           // datagrams handed back
+	}{
+		{"small data", [][]byte{small(1), small(2)}, 0, 2},
+		{"full-size data is not kept", [][]byte{wgMsg(wgTypeTransport, 1400)}, 0, 0},
+		{"keepalives are not kept", [][]byte{wgMsg(wgTypeTransport, wgSizeTransportMin)}, 0, 0},
+		{"initiations are kept", [][]byte{wgMsg(wgTypeInitiation, wgSizeInitiation)}, 0, 1},
+		{"too old", [][]byte{small(1)}, replayMaxAge + time.Second, 0},
+		{"the last replayLen", func() (b [][]byte) {
+			for i := range replayLen + 5 {
+				b = append(b, small(i))
+			}
+			return b
+		}(), 0, replayLen},
+	}
+	for _, tc := range tests {
+		t.Run(tc.name, func(t *testing.T) {
+			a := &activity{}
+			at := time.Now().Add(-tc.age).UnixNano()
+			for _, p := range tc.sent {
+				a.keep([][]byte{p}, at)
+			}
+			got := a.takeReplay(time.Now())
+			if len(got) != tc.want {
+				t.Fatalf("replayed %d datagrams, want %d", len(got), tc.want)
+			}
+			// Oldest first, the newest last.
+			if tc.want > 0 && !bytes.Equal(got[len(got)-1], tc.sent[len(tc.sent)-1]) {
+				t.Errorf("last replayed datagram is not the last sent")
+			}
+			if again := a.takeReplay(time.Now()); len(again) != 0 {
+				t.Errorf("a second replay handed back %d datagrams", len(again))
+			}
+		})
+	}
+}
+
+// TestPreferredDirect: a WireGuard datagram from another candidate of a peer whose chosen path
+// answers is presented as coming from the chosen path; from an address that is no candidate, it
+// is left alone.
+func TestPreferredDirect(t *testing.T) {
+	lan := netip.MustParseAddrPort("192.168.1.12:51820")
+	relayed, _ := SyntheticEndpoint(0, 3)
+	stranger := netip.MustParseAddrPort("198.51.100.1:51820")
+	tests := []struct {
+		name string
+		from netip.AddrPort
+		want netip.AddrPort
+	}{
+		{"the peer's refused LAN address", lan, relayed},
+		{"a stranger", stranger, stranger},
+	}
+	for _, tc := range tests {
+		t.Run(tc.name, func(t *testing.T) {
+			b := NewBind(Config{Inner: pathtest.NewNetwork().NewBind(netip.MustParseAddr("10.0.0.1"), nil)})
+			b.preferred.Store(&map[netip.AddrPort]netip.AddrPort{lan: relayed})
+			bufs, sizes, eps := batch(1)
+			sizes[0] = copy(bufs[0], wgMsg(wgTypeTransport, 100))
+			eps[0] = &conn.StdNetEndpoint{AddrPort: tc.from}
+			b.demux(bufs, sizes, eps)
+			if got, _ := endpointAddr(eps[0]); got != tc.want || sizes[0] != 100 {
+				t.Errorf("datagram from %s presented as from %s (size %d), want %s", tc.from, got, sizes[0], tc.want)
+			}
+		})
+	}
 }

@@ -177,6 +177,10 @@ type timing struct {
 	// suspectGap the shortest time between two of them (a probe that fails to leave is missed at
 	// once).
 	suspectAfter, suspectTimeout, suspectGap time.Duration
+	// holdMax is how long a new peer's endpoint stays its hold endpoint while no path answers;
+	// crossWaitMin and crossWaitMax bound how long the node with the higher key waits for the
+	// peer's initiation before it releases its own (hold.go).
+	holdMax, crossWaitMin, crossWaitMax time.Duration
 }
 
 func newTiming(probe time.Duration) timing {
@@ -195,8 +199,11 @@ func newTiming(probe time.Duration) timing {
 		punchFirst:     probe / 16,
 		punchFirstLAN:  probe / 2,
 		suspectAfter:   probe / 8,
-		suspectTimeout: probe / 10,
+		suspectTimeout: probe / 20,
 		suspectGap:     probe / 40,
+		holdMax:        probe,
+		crossWaitMin:   probe / 20,
+		crossWaitMax:   probe / 4,
 	}
 }
 
@@ -235,6 +242,7 @@ type Manager struct {
 	nextTx    uint64
 	reflexive netip.AddrPort
 	watched   map[netip.AddrPort]*activity // the Bind's watch table (detect.go); immutable
+	nextHold  uint32                       // the last hold ID given out (hold.go)
 }
 
 // rxPacket is a datagram copied off a receive goroutine (fixed size: no allocation).
@@ -354,7 +362,7 @@ func (m *Manager) SetPeers(peers []PeerInfo) {
 				m.log.Warn("peer skipped", "peer", info.Name, "err", err)
 				continue
 			}
-			p = &peerState{macKey: key, added: time.Now()}
+			p = &peerState{macKey: key, added: time.Now(), hold: m.nextHoldLocked()}
 			m.peers[info.Key] = p
 		}
 		if p.info.Name != info.Name {

@@ -66,6 +66,13 @@ type peerState struct {
 	// peer sent through it before this node chose a path): the choice is applied again, unasked.
 	reapply bool
 
+	// hold is p's hold endpoint (hold.go), given to wireguard-go until a path answers; real is set
+	// once another endpoint was applied. releaseTo and releaseAt are a delayed release of the
+	// initiation held for p (zero releaseAt: none).
+	hold          netip.AddrPort
+	real          bool
+	releaseTo     netip.AddrPort
+	releaseAt     time.Time
 	lastPunchReq  time.Time
 	punchInFlight bool // a RequestPunch call is running
 	punching      bool // an OnPunch is running
@@ -356,6 +363,7 @@ func (m *Manager) step() (next time.Time) {
 		kind  Kind
 		want  bool // the choice changed (false: roaming check)
 		force bool // a roaming check that applies without asking (reapply)
+		hold  bool // the hold endpoint
 	}
 	var applies []apply
 	m.mu.Lock()
@@ -429,16 +437,24 @@ func (m *Manager) step() (next time.Time) {
 		}
 		prev := p.chosen
 		m.chooseLocked(p)
-		if c := p.chosen; c != nil {
+		if m.holdingLocked(p, now) {
+			// No path answered yet: wireguard-go's first initiation waits in the Bind (hold.go).
+			if p.applied != p.hold {
+				applies = append(applies, apply{key, p.info.Name, p.hold, KindNone, true, false, true})
+				p.checked, p.reapply = now, false
+			}
+			soon(p.added.Add(m.t.holdMax))
+		} else if c := p.chosen; c != nil {
 			switch {
 			case c != prev || c.addr != p.applied || m.kindOfChoiceLocked(c) != p.appliedKind:
-				applies = append(applies, apply{key, p.info.Name, c.addr, m.kindOfChoiceLocked(c), true, false})
+				applies = append(applies, apply{key, p.info.Name, c.addr, m.kindOfChoiceLocked(c), true, false, false})
 				p.checked, p.reapply = now, false
 			case p.reapply || now.Sub(p.checked) >= m.t.alive:
-				applies = append(applies, apply{key, p.info.Name, c.addr, m.kindOfChoiceLocked(c), false, p.reapply})
+				applies = append(applies, apply{key, p.info.Name, c.addr, m.kindOfChoiceLocked(c), false, p.reapply, false})
 				p.checked, p.reapply = now, false
 			}
 		}
+		soon(m.releaseDueLocked(p, now))
 		soon(m.maybeRequestPunchLocked(p, now, false))
 	}
 	m.updatePreferredLocked()
@@ -453,7 +469,8 @@ func (m *Manager) step() (next time.Time) {
 		err := m.cfg.SetEndpoint(a.key, a.addr.String(), a.kind)
 		m.mu.Lock()
 		if p := m.peers[a.key]; p != nil && err == nil {
-			p.applied, p.appliedKind = a.addr, a.kind
+			m.replayLocked(p, a.addr)
+			m.appliedLocked(p, a.addr, a.kind, time.Now())
 		}
 		m.mu.Unlock()
 		switch {
@@ -461,6 +478,8 @@ func (m *Manager) step() (next time.Time) {
 			if m.setLog.allow(time.Now()) {
 				m.log.Warn("set endpoint", "peer", a.name, "endpoint", a.addr, "err", err)
 			}
+		case a.hold:
+			m.log.Debug("holding for a path", "peer", a.name, "endpoint", a.addr)
 		case a.want:
 			m.stats.pathChanges.Add(1)
 			m.log.Info("path", "peer", a.name, "kind", a.kind, "endpoint", a.addr)
@@ -591,14 +610,34 @@ func (m *Manager) maybeRequestPunchLocked(p *peerState, now time.Time, force boo
 }
 
 // updatePreferredLocked tells the Bind, for every peer whose chosen path answers, to present the
-// WireGuard datagrams that peer sends through any other relay as coming from the chosen path.
-// wireguard-go roams to the source of every authenticated datagram; without this it would follow
-// a straggler through the relay back from a direct path, or follow a peer that chose another
-// relay than this node did onto that relay, where a failure of that relay would strand it: this
-// node's own choice does not change, so nothing would move it back before the next roaming check.
-// A choice that has not answered yet leaves wireguard-go free to roam.
+// WireGuard datagrams that peer sends through any other relay, or from any other of its
+// candidate addresses, as coming from the chosen path. wireguard-go roams to the source of every
+// authenticated datagram; without this it would follow a straggler through the relay back from a
+// direct path, follow a peer that chose another relay than this node did onto that relay, where a
+// failure of that relay would strand it, or follow the peer's datagrams from a LAN address this
+// node cannot send to (a firewall) off the relay it fell back to: this node's own choice does not
+// change, so nothing would move it back before the next roaming check. A choice that has not
+// answered yet, or missed a probe, leaves wireguard-go free to roam. An address that is a
+// candidate of two peers (private addresses repeat across sites), or the choice of one, is never
+// rewritten.
 func (m *Manager) updatePreferredLocked() {
 	next := make(map[netip.AddrPort]netip.AddrPort)
+	chosen := make(map[netip.AddrPort]bool, len(m.peers))
+	for _, p := range m.peers {
+		if p.chosen != nil {
+			chosen[p.chosen.addr] = true
+		}
+	}
+	conflict := map[netip.AddrPort]bool{}
+	prefer := func(from, to netip.AddrPort) {
+		if from == to || chosen[from] {
+			return
+		}
+		if cur, ok := next[from]; ok && cur != to {
+			conflict[from] = true
+		}
+		next[from] = to
+	}
 	for _, p := range m.peers {
 		c := p.chosen
 		if c == nil || !c.alive || c.misses > 0 {
@@ -607,10 +646,16 @@ func (m *Manager) updatePreferredLocked() {
 			continue
 		}
 		for _, rt := range p.info.Relays {
-			if synth, ok := SyntheticEndpoint(rt.Relay, rt.ID); ok && synth != c.addr {
-				next[synth] = c.addr
+			if synth, ok := SyntheticEndpoint(rt.Relay, rt.ID); ok {
+				prefer(synth, c.addr)
 			}
 		}
+		for _, o := range p.cands {
+			prefer(o.addr, c.addr)
+		}
+	}
+	for a := range conflict {
+		delete(next, a)
 	}
 	if cur := m.bind.preferred.Load(); cur != nil && maps.Equal(*cur, next) {
 		return

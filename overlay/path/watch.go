@@ -3,6 +3,7 @@ package path
 import (
 	"errors"
 	"net/netip"
+	"sync"
 	"sync/atomic"
 	"syscall"
 	"time"
@@ -28,6 +29,104 @@ type activity struct {
 	suspect atomic.Bool
 	// sendErr counts local send errors to the endpoint (pathError) not yet taken by the Manager.
 	sendErr atomic.Uint32
+	// heard is set by the first WireGuard datagram received from the endpoint.
+	heard atomic.Bool
+	// ring keeps the last small datagrams sent to the endpoint, to send again on the next path
+	// should this one die (replayRing); nil until the first.
+	ring atomic.Pointer[replayRing]
+}
+
+// Replaying: the datagrams sent into a path between its death and the failover are lost, and TCP
+// waits for its retransmission timeout to send them again: a SYN waits 1 s, longer than the
+// service proxy's dial attempt. So the Bind keeps, per watched endpoint, the last replayLen
+// datagrams of at most maxReplayLen bytes that asked for an answer (SYNs, SYN-ACKs, ACKs, small
+// requests and responses, handshake initiations; bulk data is full-size and skipped, at the cost
+// of a length check), and the Manager sends those younger than replayMaxAge again on the new path
+// when it fails over. WireGuard's replay filter drops the copies of datagrams that did arrive.
+const (
+	replayLen    = 32
+	maxReplayLen = 256
+	replayMaxAge = 2 * time.Second
+)
+
+// replayRing is the ring of one endpoint (8 KiB, allocated at its first small datagram). mu
+// guards all following fields.
+type replayRing struct {
+	mu   sync.Mutex
+	next int
+	ents [replayLen]replayEntry
+}
+
+type replayEntry struct {
+	at  int64 // unix nanoseconds; 0: empty
+	n   int
+	buf [maxReplayLen]byte
+}
+
+// keep copies the small datagrams of bufs that ask for an answer into a's ring.
+func (a *activity) keep(bufs [][]byte, now int64) {
+	var r *replayRing
+	for _, p := range bufs {
+		if len(p) > maxReplayLen || !carriesData([][]byte{p}) {
+			continue
+		}
+		if r == nil {
+			if r = a.ring.Load(); r == nil {
+				a.ring.CompareAndSwap(nil, new(replayRing))
+				r = a.ring.Load()
+			}
+			r.mu.Lock()
+			defer r.mu.Unlock()
+		}
+		e := &r.ents[r.next]
+		e.at, e.n = now, copy(e.buf[:], p)
+		r.next = (r.next + 1) % replayLen
+	}
+}
+
+// takeReplay empties a's ring and returns copies of the datagrams younger than replayMaxAge,
+// oldest first.
+func (a *activity) takeReplay(now time.Time) [][]byte {
+	r := a.ring.Load()
+	if r == nil {
+		return nil
+	}
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	var out [][]byte
+	oldest := now.Add(-replayMaxAge).UnixNano()
+	for i := range replayLen {
+		e := &r.ents[(r.next+i)%replayLen]
+		if e.at != 0 && e.at >= oldest {
+			out = append(out, append([]byte(nil), e.buf[:e.n]...))
+		}
+		e.at = 0
+	}
+	return out
+}
+
+// replay sends again, to the path to, the datagrams kept for the dead path of a (see
+// replayRing), and returns how many it sent.
+func (b *Bind) replay(a *activity, to netip.AddrPort) (int, error) {
+	bufs := a.takeReplay(time.Now())
+	if len(bufs) == 0 {
+		return 0, nil
+	}
+	var err error
+	if _, _, relayed := ParseSynthetic(to); relayed {
+		err = b.sendRelayed(bufs, to)
+	} else {
+		ep, perr := b.inner.ParseEndpoint(to.String())
+		if perr != nil {
+			return 0, perr
+		}
+		err = b.inner.Send(bufs, ep)
+	}
+	if err != nil {
+		return 0, err
+	}
+	b.replayed.Add(uint64(len(bufs)))
+	return len(bufs), nil
 }
 
 // watchTable is an immutable set of watched endpoints; the Manager replaces it whole.
@@ -96,6 +195,7 @@ func (b *Bind) noteSend(w *watchTable, bufs [][]byte, ep conn.Endpoint, err erro
 		return
 	}
 	now := time.Now().UnixNano()
+	a.keep(bufs, now)
 	first := a.unanswered.Load()
 	switch {
 	case first == 0:
@@ -108,8 +208,15 @@ func (b *Bind) noteSend(w *watchTable, bufs [][]byte, ep conn.Endpoint, err erro
 
 // noteReceive records a WireGuard datagram received from a watched endpoint.
 func (w *watchTable) noteReceive(from netip.AddrPort) {
-	if a := w.byAddr[from]; a != nil && a.unanswered.Load() != 0 {
+	a := w.byAddr[from]
+	if a == nil {
+		return
+	}
+	if a.unanswered.Load() != 0 {
 		a.unanswered.Store(0)
+	}
+	if !a.heard.Load() {
+		a.heard.Store(true)
 	}
 }
 
