@@ -210,17 +210,35 @@ func (ta *testAgent) echoOn(t *testing.T, port uint16) {
 	})
 }
 
-// serveEcho echoes every connection ln accepts until ln is closed.
+// serveEcho echoes every connection ln accepts until ln is closed; then it closes the connections
+// still open (a client whose path went away never closes its end) and waits for them.
 func serveEcho(ln net.Listener) {
 	var wg sync.WaitGroup
-	defer wg.Wait()
+	var mu sync.Mutex // guards conns
+	conns := make(map[net.Conn]struct{})
+	defer func() {
+		mu.Lock()
+		for c := range conns {
+			c.Close()
+		}
+		mu.Unlock()
+		wg.Wait()
+	}()
 	for {
 		c, err := ln.Accept()
 		if err != nil {
 			return
 		}
+		mu.Lock()
+		conns[c] = struct{}{}
+		mu.Unlock()
 		wg.Go(func() {
-			defer c.Close()
+			defer func() {
+				mu.Lock()
+				delete(conns, c)
+				mu.Unlock()
+				c.Close()
+			}()
 			_, _ = io.Copy(c, c)
 		})
 	}

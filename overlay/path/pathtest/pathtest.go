@@ -9,6 +9,10 @@
 // datagrams: only a remote the inside socket has sent to may answer through the mapping (as
 // Linux conntrack does). There is no hairpin: a datagram to the own NAT's public address is
 // dropped. Delivery is immediate and unordered queues are bounded (full: dropped and counted).
+//
+// A Bridge (bridge.go) joins the network to a real UDP service on this machine, such as a
+// mesh-relay started in the test's process: the engine tests of package overlay run agents on
+// this network with a real relay.
 package pathtest
 
 import (
@@ -36,6 +40,8 @@ type Network struct {
 	socks map[netip.AddrPort]*socket
 	nats  map[netip.Addr]*NAT
 	drop  func(from, to netip.AddrPort) bool
+	// alias maps an address to the address a datagram sent to it goes to instead (bridge.go).
+	alias map[netip.AddrPort]netip.AddrPort
 
 	// Dropped counts datagrams dropped: unroutable, filtered by a NAT, by the drop filter, or to
 	// a full queue.
@@ -44,7 +50,8 @@ type Network struct {
 
 // NewNetwork returns an empty network.
 func NewNetwork() *Network {
-	return &Network{socks: make(map[netip.AddrPort]*socket), nats: make(map[netip.Addr]*NAT)}
+	return &Network{socks: make(map[netip.AddrPort]*socket), nats: make(map[netip.Addr]*NAT),
+		alias: make(map[netip.AddrPort]netip.AddrPort)}
 }
 
 // NAT is a router with one public address.
@@ -169,6 +176,9 @@ func (n *Network) unlisten(s *socket) {
 func (n *Network) send(s *socket, b []byte, dst netip.AddrPort) {
 	dst = netip.AddrPortFrom(dst.Addr().Unmap(), dst.Port())
 	n.mu.Lock()
+	if to, ok := n.alias[dst]; ok {
+		dst = to
+	}
 	drop := n.drop
 	target := n.socks[dst]
 	dstNAT := n.nats[dst.Addr()]
