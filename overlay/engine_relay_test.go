@@ -151,3 +151,33 @@ func TestEngineRelay(t *testing.T) {
 		}
 	}
 }
+
+// TestEngineRelayFromCatalog starts agents with no relay of their own and a catalog that names
+// one (as the Kubernetes source does from the relay Secret): they register with it, and c behind
+// the hard NAT is reached through it.
+func TestEngineRelayFromCatalog(t *testing.T) {
+	tr := natTrio(t)
+	r := startRelay(t, tr.net, t.TempDir(), 0)
+	cat := tr.catalog()
+	cat.Relays = []string{r.addr}
+	for _, ta := range tr.agents() {
+		cfg := ta.config(t, tr.net)
+		cfg.JoinToken = testJoinToken
+		ta.src.snaps <- cloneSnapshot(cat) // apply assigns service IPs in place
+		ta.start(t, cfg)
+	}
+	for _, ta := range tr.agents() {
+		m := ta.waitUp(t)
+		ta.echoOn(t, echoPort)
+		waitCond(t, ta.name+" registered", func() bool { return m.relays != nil && len(m.relays.Sessions()) == 1 })
+	}
+	tr.a.waitReach(t, tr.c, echoPort)
+	tr.c.waitReach(t, tr.b, echoPort)
+	if k := tr.a.pathTo(tr.c); k != "relay" {
+		t.Errorf("a's path to c is %s, want relay", k)
+	}
+	st := (*backend)(tr.a.agent).Status()
+	if len(st.Relays) != 1 || len(st.Peers) != 2 {
+		t.Errorf("a's status: relays %v, %d peers; want 1 relay session and 2 peers", st.Relays, len(st.Peers))
+	}
+}
