@@ -15,7 +15,9 @@ import (
 //   - a suspicion (data unanswered for suspectAfter, the peer's datagrams arriving through a relay,
 //     or a send error) probes the candidate at once and again after every miss, each probe with a
 //     short timeout (three RTTs, at least suspectTimeout, at most pongTimeout): missesToDead
-//     misses in a row make an alive path dead, and the choice moves on in the same step. A PONG
+//     misses in a row make an alive path dead, one when the peer's datagrams came through a relay
+//     (the peer found the path dead first, and its side of the failover is over: this side's is
+//     what keeps the flows waiting), and the choice moves on in the same step. A PONG
 //     ends the suspicion, and none starts again for suspectAfter, so that a one-way flow, which
 //     the peer does not answer, costs one PING per suspectAfter.
 //
@@ -51,6 +53,9 @@ func (m *Manager) suspectLocked(p *peerState, now time.Time) time.Time {
 		return c.calmUntil
 	}
 	a.suspect.Store(false)
+	if a.elsewhere.Swap(false) {
+		c.strict = true
+	}
 	m.startSuspicionLocked(p, c, now)
 	return time.Time{}
 }
@@ -75,13 +80,13 @@ func (m *Manager) startSuspicionLocked(p *peerState, c *candidate, now time.Time
 // missLocked counts one lost probe of c; an alive candidate with missesToDead in a row is dead.
 func (m *Manager) missLocked(p *peerState, c *candidate, why string) {
 	c.misses++
-	if c.alive && c.misses >= missesToDead {
-		c.alive, c.suspect = false, false
+	if c.alive && (c.misses >= missesToDead || c.suspect && c.strict) {
+		c.alive, c.suspect, c.strict = false, false, false
 		m.stats.pathsDead.Add(1)
 		m.log.Info("path dead", "peer", p.info.Name, "kind", c.kind(), "addr", c.addr, "last", why)
 	}
 	if !c.alive {
-		c.suspect = false
+		c.suspect, c.strict = false, false
 	}
 }
 
@@ -97,7 +102,7 @@ func (m *Manager) probeTimeoutLocked(c *candidate) time.Duration {
 // answeredLocked ends c's suspicion after a PONG: the path works, whatever the data did.
 func (m *Manager) answeredLocked(c *candidate, now time.Time) {
 	if c.suspect {
-		c.suspect = false
+		c.suspect, c.strict = false, false
 		c.calmUntil = now.Add(m.t.suspectAfter)
 	}
 	if a := m.watched[c.addr]; a != nil {

@@ -39,6 +39,7 @@ type candidate struct {
 	triggered time.Time // of the last triggered check
 	learned   time.Time // srcPeerReflexive: when last seen
 	suspect   bool      // probed at once and after every miss, with a short timeout (detect.go)
+	strict    bool      // suspected because the peer left it: one miss makes it dead
 	calmUntil time.Time // no new suspicion before
 }
 

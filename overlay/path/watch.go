@@ -29,6 +29,9 @@ type activity struct {
 	suspect atomic.Bool
 	// sendErr counts local send errors to the endpoint (pathError) not yet taken by the Manager.
 	sendErr atomic.Uint32
+	// elsewhere is raised with suspect when the peer's datagrams came through a relay: the peer
+	// found the path dead already, and one missed probe confirms it.
+	elsewhere atomic.Bool
 	// heard is set by the first WireGuard datagram received from the endpoint.
 	heard atomic.Bool
 	// ring keeps the last small datagrams sent to the endpoint, to send again on the next path
@@ -224,6 +227,7 @@ func (w *watchTable) noteReceive(from netip.AddrPort) {
 // through a relay instead: it may have found that path dead.
 func (b *Bind) noteElsewhere(w *watchTable, chosen netip.AddrPort) {
 	if a := w.byAddr[chosen]; a != nil && !a.suspect.Load() && a.suspect.CompareAndSwap(false, true) {
+		a.elsewhere.Store(true)
 		b.suspicions.Add(1)
 		w.wake()
 	}
