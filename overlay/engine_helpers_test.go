@@ -15,6 +15,8 @@ import (
 	"testing"
 	"time"
 
+	"golang.zx2c4.com/wireguard/conn"
+
 	"github.com/edgewire/edgewire/discovery"
 	"github.com/edgewire/edgewire/overlay/forward"
 	"github.com/edgewire/edgewire/overlay/identity"
@@ -68,14 +70,17 @@ func (f *feed) Run(ctx context.Context, update func(*discovery.Snapshot)) error 
 type testAgent struct {
 	name string
 	id   *identity.Identity
-	// sock is the WireGuard socket's address on the in-memory network, behind nat (nil: public).
+	// sock is the WireGuard socket's address on the in-memory network, behind nat (nil: public);
+	// with real set, the address of a real UDP socket (wireguard-go's StdNetBind, all addresses).
 	sock netip.AddrPort
 	nat  *pathtest.NAT
+	real bool
 	// lanIP is the host's IPv4 address, the source of its flows to service IPs.
 	lanIP   netip.Addr
 	overlay netip.Addr
 	dir     string
 	src     *feed
+	local   localEndpointDialer // the endpoints on this node
 
 	host  atomic.Pointer[overlaytest.Host]
 	agent *Agent
@@ -132,13 +137,21 @@ func (ta *testAgent) config(t *testing.T, n *pathtest.Network) Config {
 			ta.host.Store(h)
 			return h, nil
 		},
-		WireGuardSocket: n.NewBind(ta.sock.Addr(), ta.nat),
+		WireGuardSocket: ta.socket(n),
 		ListenUAPI: func(name string) (net.Listener, error) {
 			return net.Listen("unix", filepath.Join(ta.dir, name+".sock"))
 		},
 		ForwardListener: func(forward.ListenerConfig) (ForwardListener, error) { return nil, nil },
-		DialLocal:       localEndpoints.dial,
+		DialLocal:       ta.local.dial,
 	}
+}
+
+// socket is the agent's WireGuard socket: on n, or nil (real sockets) for a real agent.
+func (ta *testAgent) socket(n *pathtest.Network) conn.Bind {
+	if ta.real {
+		return nil
+	}
+	return n.NewBind(ta.sock.Addr(), ta.nat)
 }
 
 // start runs the agent with cfg; stop ends it.
@@ -306,8 +319,6 @@ func (ta *testAgent) pathTo(peer *testAgent) string {
 // localEndpointDialer stands in for this host's kernel when the agent dials an endpoint on its own
 // node: every endpoint is an in-memory TCP echo, and dials are counted.
 type localEndpointDialer struct{ dials atomic.Uint64 }
-
-var localEndpoints localEndpointDialer
 
 func (d *localEndpointDialer) dial(ctx context.Context, network, address string) (net.Conn, error) {
 	if network != "tcp" {

@@ -4,6 +4,7 @@ import (
 	"context"
 	"fmt"
 	"io"
+	"net"
 	"net/http"
 	"net/netip"
 	"testing"
@@ -69,6 +70,50 @@ func (tr *trio) startAll(t *testing.T) {
 	}
 }
 
+// freeUDPPort returns a UDP port that is free on all addresses now.
+func freeUDPPort(t *testing.T) uint16 {
+	t.Helper()
+	c, err := net.ListenUDP("udp", &net.UDPAddr{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	return uint16(c.LocalAddr().(*net.UDPAddr).Port)
+}
+
+// loopbackTrio is the trio with real WireGuard sockets (wireguard-go's StdNetBind) on free ports,
+// reached at 127.0.0.1: the same engine over real sockets, as wireguard-go's genTestPair does.
+func loopbackTrio(t *testing.T) *trio {
+	tr := &trio{net: pathtest.NewNetwork()}
+	for i, p := range []**testAgent{&tr.a, &tr.b, &tr.c} {
+		sock := netip.AddrPortFrom(addr("127.0.0.1"), freeUDPPort(t))
+		*p = newTestAgent(t, fmt.Sprintf("node-%c", 'a'+i), sock, nil, netip.AddrFrom4([4]byte{192, 168, 50, byte(i + 1)}))
+		(*p).real = true
+	}
+	return tr
+}
+
+// TestEngineRealSockets runs the three agents with real UDP sockets on loopback: every pair
+// reaches the other over WireGuard on the published endpoint (kind lan).
+func TestEngineRealSockets(t *testing.T) {
+	tr := loopbackTrio(t)
+	tr.startAll(t)
+	pairs := []struct {
+		name     string
+		from, to *testAgent
+	}{
+		{"a to b", tr.a, tr.b}, {"b to c", tr.b, tr.c}, {"c to a", tr.c, tr.a},
+	}
+	for _, tc := range pairs {
+		t.Run(tc.name, func(t *testing.T) {
+			tc.from.waitReach(t, tc.to, echoPort)
+			if k := tc.from.pathTo(tc.to); k != "lan" {
+				t.Errorf("path %s, want lan", k)
+			}
+		})
+	}
+}
+
 // TestEngineThreeAgents starts three agents in one process and checks that traffic flows: between
 // overlay addresses through WireGuard over the in-memory network (LAN, and through a NAT to a
 // public node), from a host to a service IP through the service netstack and the proxy to a local
@@ -108,11 +153,11 @@ func TestEngineThreeAgents(t *testing.T) {
 		if !svcIP.IsValid() {
 			t.Fatal("service echo got no IP")
 		}
-		before := localEndpoints.dials.Load()
+		before := a.local.dials.Load()
 		if err := a.roundTrip(netip.AddrPortFrom(svcIP, 80), "through the proxy", 10*time.Second); err != nil {
 			t.Fatalf("flow to %s:80: %v", svcIP, err)
 		}
-		if got := localEndpoints.dials.Load() - before; got < 1 {
+		if got := a.local.dials.Load() - before; got < 1 {
 			t.Errorf("the proxy dialled %d local endpoints, want at least 1", got)
 		}
 	})
