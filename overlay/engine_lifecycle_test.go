@@ -94,7 +94,7 @@ func TestEngineShutdown(t *testing.T) {
 				}
 				a.src.snaps <- tr.catalog()
 				a.startCtx(t, ctx, cfg)
-				return a.cancelAndWait(t)
+				return a.wait(t)
 			},
 		},
 		{
@@ -111,7 +111,7 @@ func TestEngineShutdown(t *testing.T) {
 				}
 				a.src.snaps <- tr.catalog()
 				a.startCtx(t, ctx, cfg)
-				return a.cancelAndWait(t)
+				return a.wait(t)
 			},
 		},
 		{
