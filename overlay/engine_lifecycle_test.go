@@ -70,6 +70,8 @@ func TestEngineShutdown(t *testing.T) {
 		// test; it returns what a's Run returned.
 		run     func(t *testing.T, tr *trio) error
 		wantErr error
+		// nat runs the case on natTrio (each node behind its own NAT) instead of newTrio.
+		nat bool
 	}{
 		{
 			name: "waiting for the first catalog",
@@ -181,10 +183,51 @@ func TestEngineShutdown(t *testing.T) {
 			},
 			wantErr: errUAPI,
 		},
+		{
+			name: "while registering with a relay",
+			nat:  true,
+			run: func(t *testing.T, tr *trio) error {
+				r := startWithRelay(t, tr)
+				defer r.close()
+				tr.a.waitUp(t)
+				return tr.a.cancelAndWait(t)
+			},
+		},
+		{
+			name: "while a path fails over to the relay",
+			nat:  true,
+			run: func(t *testing.T, tr *trio) error {
+				r := startWithRelay(t, tr)
+				defer r.close()
+				for _, ta := range tr.agents() {
+					ta.waitUp(t)
+					ta.echoOn(t, echoPort)
+				}
+				tr.a.waitReach(t, tr.b, echoPort)
+				waitCond(t, "a's path to b direct", func() bool { return tr.a.pathTo(tr.b) == "direct" })
+				tr.net.SetDrop(func(from, to netip.AddrPort) bool { return to.Addr() == addr("203.0.113.2") })
+				// Data unanswered starts the failover at once.
+				_ = tr.a.roundTrip(netip.AddrPortFrom(tr.b.overlay, echoPort), "cut", 300*time.Millisecond)
+				return tr.a.cancelAndWait(t)
+			},
+		},
+		{
+			name: "during a peer's key change",
+			run: func(t *testing.T, tr *trio) error {
+				tr.startAll(t)
+				tr.a.waitReach(t, tr.b, echoPort)
+				tr.b.newKey(t)
+				tr.a.src.snaps <- tr.catalog()
+				return tr.a.cancelAndWait(t)
+			},
+		},
 	}
 	for _, tc := range tests {
 		t.Run(tc.name, func(t *testing.T) {
 			tr := newTrio(t)
+			if tc.nat {
+				tr = natTrio(t)
+			}
 			err := tc.run(t, tr)
 			for _, ta := range tr.agents() {
 				ta.stop(t)
@@ -224,4 +267,18 @@ func (ta *testAgent) wait(t *testing.T) error {
 		t.Fatalf("%s: Run did not return within %v", ta.name, engineWait)
 		return nil
 	}
+}
+
+// startWithRelay starts a relay and the trio's agents registered with it.
+func startWithRelay(t *testing.T, tr *trio) *testRelay {
+	t.Helper()
+	r := startRelay(t, tr.net, t.TempDir(), 0)
+	for _, ta := range tr.agents() {
+		cfg := ta.config(t, tr.net)
+		cfg.Relays = []string{r.addr}
+		cfg.JoinToken = testJoinToken
+		ta.src.snaps <- tr.catalog()
+		ta.start(t, cfg)
+	}
+	return r
 }
