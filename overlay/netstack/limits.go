@@ -33,6 +33,9 @@ func flowDefaults(cfg Config) Config {
 	if cfg.UDPQueueBytes <= 0 {
 		cfg.UDPQueueBytes = DefaultUDPQueueBytes
 	}
+	if cfg.UDPQueueBudget <= 0 {
+		cfg.UDPQueueBudget = DefaultUDPQueueBudget
+	}
 	return cfg
 }
 
@@ -62,3 +65,23 @@ func (s *Stack) udpSnapshot() FlowStats {
 	}
 	return st
 }
+
+// reserveUDPQueue returns the queue size of a new UDP flow: UDPQueueBytes while the open flows'
+// queues stay within UDPQueueBudget, else MinUDPQueueBytes (or UDPQueueBytes if smaller). The
+// caller gives it back with releaseUDPQueue when the flow ends.
+func (s *Stack) reserveUDPQueue() int {
+	full := int64(s.cfg.UDPQueueBytes)
+	for {
+		held := s.udpQueued.Load()
+		if held+full > int64(s.cfg.UDPQueueBudget) {
+			small := min(full, MinUDPQueueBytes)
+			s.udpQueued.Add(small)
+			return int(small)
+		}
+		if s.udpQueued.CompareAndSwap(held, held+full) {
+			return int(full)
+		}
+	}
+}
+
+func (s *Stack) releaseUDPQueue(size int) { s.udpQueued.Add(-int64(size)) }

@@ -7,6 +7,7 @@ import (
 	"net"
 	"net/netip"
 	"runtime"
+	"slices"
 	"sync"
 	"testing"
 	"time"
@@ -450,5 +451,33 @@ func TestTCPOneClientOverItsCap(t *testing.T) {
 	buf := make([]byte, 5)
 	if _, err := c.Read(buf); err != nil || string(buf) != "other" {
 		t.Fatalf("the other client's echo %q, %v", buf, err)
+	}
+}
+
+// TestUDPQueueBudget: flows get full queues while the budget lasts and small ones beyond it, and a
+// flow's end gives its share back.
+func TestUDPQueueBudget(t *testing.T) {
+	s := rawStack(t, Config{Dialer: &sinkDialer{}, UDPQueueBytes: 64 << 10, UDPQueueBudget: 128 << 10})
+	var got []int
+	for range 4 {
+		got = append(got, s.reserveUDPQueue())
+	}
+	want := []int{64 << 10, 64 << 10, MinUDPQueueBytes, MinUDPQueueBytes}
+	if !slices.Equal(got, want) {
+		t.Fatalf("queues %v, want %v", got, want)
+	}
+	if held := s.udpQueued.Load(); held != 128<<10+2*MinUDPQueueBytes {
+		t.Errorf("budget held %d", held)
+	}
+	s.releaseUDPQueue(got[0])
+	if q := s.reserveUDPQueue(); q != MinUDPQueueBytes {
+		t.Errorf("with the small queues still open, the next got %d, want %d", q, MinUDPQueueBytes)
+	} else {
+		s.releaseUDPQueue(q)
+	}
+	s.releaseUDPQueue(got[2])
+	s.releaseUDPQueue(got[3])
+	if q := s.reserveUDPQueue(); q != 64<<10 {
+		t.Errorf("with one full flow left, the next got %d, want %d", q, 64<<10)
 	}
 }

@@ -107,12 +107,24 @@ type Config struct {
 	UDPEvictIdle time.Duration
 	// UDPQueueBytes bounds the datagrams a UDP flow queues in the stack for its upstream, in payload
 	// bytes (one datagram more may pass the bound); 0 means DefaultUDPQueueBytes. Datagrams beyond
-	// it are dropped and counted (FlowStats.QueueDrops).
+	// it are dropped and counted (FlowStats.QueueDrops). A flow gets this much while the flows' queues
+	// together stay within UDPQueueBudget, and MinUDPQueueBytes beyond: a few flows ride out the
+	// scheduling hiccups of a fast sender, and many flows cannot make the stack hold much.
 	UDPQueueBytes int
+	// UDPQueueBudget bounds the sum of the UDPQueueBytes given to open flows; 0 means
+	// DefaultUDPQueueBudget. The most the queues can hold is this plus MinUDPQueueBytes a flow.
+	UDPQueueBudget int
 }
 
-// DefaultUDPQueueBytes is the default of Config.UDPQueueBytes.
-const DefaultUDPQueueBytes = 32 << 10
+const (
+	// DefaultUDPQueueBytes is the default of Config.UDPQueueBytes: Linux's default socket receive
+	// buffer, some 150 datagrams of 1,400 bytes (5 ms at 30,000 a second).
+	DefaultUDPQueueBytes = 208 << 10
+	// DefaultUDPQueueBudget is the default of Config.UDPQueueBudget: 78 flows with full queues.
+	DefaultUDPQueueBudget = 16 << 20
+	// MinUDPQueueBytes is the queue of a flow opened when the budget is spent.
+	MinUDPQueueBytes = 16 << 10
+)
 
 // DefaultMaxTCPFlows returns the default of Config.MaxTCPFlows for a file-descriptor limit fdLimit:
 // fdLimit/5 (one upstream descriptor a flow), at least 64 and at most 8192. DefaultMaxUDPFlows is
@@ -224,6 +236,8 @@ type Stack struct {
 	bufs     flows.Buffers
 	tcpTable *flows.Table[flows.Counted]
 	udpTable *flows.Table[*flow]
+	// udpQueued is the UDP queue budget open flows hold (reserveUDPQueue).
+	udpQueued atomic.Int64
 
 	closeOnce sync.Once
 	wg        sync.WaitGroup // every goroutine the Stack starts or adopts (gVisor's TCP handler goroutines)

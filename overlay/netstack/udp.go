@@ -47,8 +47,9 @@ func (s *Stack) handleUDP(r *udp.ForwarderRequest) {
 		s.logf(slog.LevelDebug, "udp flow: create endpoint failed", "src", src, "dst", dst, "err", terr.String())
 		return
 	}
-	ep.SocketOptions().SetReceiveBufferSize(int64(s.cfg.UDPQueueBytes), false)
-	client := &clientUDP{UDPConn: gonet.NewUDPConn(&wq, ep), clientEnd: newClientEnd(ep, &wq)}
+	queue := s.reserveUDPQueue()
+	ep.SocketOptions().SetReceiveBufferSize(int64(queue), false)
+	client := &clientUDP{UDPConn: gonet.NewUDPConn(&wq, ep), clientEnd: newClientEnd(ep, &wq), queue: queue}
 	go func() {
 		defer s.wg.Done()
 		s.serveUDP(client, src, dst)
@@ -78,6 +79,7 @@ func (s *Stack) acquireUDP(src, dst netip.AddrPort) bool {
 type clientUDP struct {
 	*gonet.UDPConn
 	clientEnd
+	queue int // bytes of the UDP queue budget the flow holds
 }
 
 func (c *clientUDP) Close() error {
@@ -97,6 +99,7 @@ func (c *clientUDP) queueDrops() uint64 {
 // both ways until the flow is idle for Config.UDPIdleTimeout (see reapUDP), is evicted, either side fails,
 // or the Stack closes.
 func (s *Stack) serveUDP(client *clientUDP, srcAP, dstAP netip.AddrPort) {
+	defer s.releaseUDPQueue(client.queue)
 	ctx, cancel := context.WithTimeout(s.ctx, s.cfg.ConnectTimeout)
 	up, err := s.cfg.Dialer.DialFlow(ctx, discovery.UDP, srcAP, dstAP)
 	cancel()
