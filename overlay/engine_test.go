@@ -1,12 +1,15 @@
 package overlay
 
 import (
+	"bufio"
 	"context"
 	"fmt"
 	"io"
 	"net"
 	"net/http"
 	"net/netip"
+	"path/filepath"
+	"strings"
 	"testing"
 	"time"
 
@@ -197,6 +200,36 @@ func TestEngineThreeAgents(t *testing.T) {
 			_, _ = io.Copy(io.Discard, resp.Body)
 			return resp.StatusCode == http.StatusOK
 		})
+	})
+
+	t.Run("UAPI socket", func(t *testing.T) {
+		// What `wg show` does: get=1 on the UAPI socket, the device's state back as key=value lines.
+		c, err := net.Dial("unix", filepath.Join(a.dir, a.agent.cfg.WGInterface+".sock"))
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer c.Close()
+		c.SetDeadline(time.Now().Add(10 * time.Second))
+		if _, err := io.WriteString(c, "get=1\n\n"); err != nil {
+			t.Fatal(err)
+		}
+		var peers, errno int
+		sc := bufio.NewScanner(c)
+		for sc.Scan() {
+			line := sc.Text()
+			if line == "" {
+				break
+			}
+			if strings.HasPrefix(line, "public_key=") {
+				peers++
+			}
+			if line == "errno=0" {
+				errno++
+			}
+		}
+		if peers != 2 || errno != 1 {
+			t.Errorf("UAPI get: %d peers, errno=0 seen %d times; want 2 peers and errno=0", peers, errno)
+		}
 	})
 
 	t.Run("wg show", func(t *testing.T) {
