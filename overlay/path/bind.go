@@ -34,9 +34,12 @@
 // node's synthetic endpoint, so wireguard-go sees ordinary WireGuard traffic, with no copy to
 // another buffer and no allocation. When the Manager chose another path to that node (direct, or
 // through another relay), the endpoint is that path's instead: wireguard-go roams to the source
-// of every datagram, and must stay on the chosen path (the same holds for a WireGuard datagram
-// from any other candidate address of a peer whose chosen path answers). A PING or PONG payload
-// goes to the packet handler from the synthetic endpoint, like a direct one.
+// of every datagram, and must stay on the chosen path. (Only relayed datagrams can be presented
+// so: a synthetic endpoint names one peer, while the public address and port a datagram comes
+// from may be one peer's mapping towards this node and another's reflexive address, behind the
+// same NAT. When wireguard-go roams to an address it then cannot send to, the failed send makes
+// the Manager apply its choice again at once.) A PING or PONG payload goes to the packet handler
+// from the synthetic endpoint, like a direct one.
 //
 // # Paths
 //
@@ -199,6 +202,9 @@ type Bind struct {
 	// watch holds the endpoints the Manager applied, whose traffic is watched (watch.go).
 	watch atomic.Pointer[watchTable]
 	holds holdTable // initiations sent to hold endpoints (hold.go)
+	// roamErr is the last unwatched address a WireGuard send failed to with a path error (nil:
+	// none since the Manager took it).
+	roamErr atomic.Pointer[netip.AddrPort]
 
 	batchPool sync.Pool // *relayBatch
 

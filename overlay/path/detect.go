@@ -160,3 +160,17 @@ func (m *Manager) replayLocked(p *peerState, to netip.AddrPort) {
 		m.log.Debug("replayed on the new path", "peer", p.info.Name, "datagrams", n, "from", old, "to", to)
 	}
 }
+
+// roamErrLocked handles a WireGuard send that failed with a path error to addr, an address that is
+// not the endpoint this node applied for any peer: wireguard-go roamed there after a datagram
+// from it. When addr is one of p's candidates, the miss is counted and p's choice applied again
+// at once, without asking wireguard-go first.
+func (m *Manager) roamErrLocked(p *peerState, addr netip.AddrPort) {
+	c := p.find(addr)
+	if c == nil || p.applied == addr || !p.real {
+		return
+	}
+	m.stats.sendErrors.Add(1)
+	m.missLocked(p, c, "send error after roaming")
+	p.reapply = true
+}

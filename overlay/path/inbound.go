@@ -106,13 +106,7 @@ func (b *Bind) demux(bufs [][]byte, sizes []int, eps []conn.Endpoint) {
 	var wg, other, dropped uint64
 	onPacket := b.handler()
 	w := b.watch.Load()
-	var pref map[netip.AddrPort]netip.AddrPort
-	if p := b.preferred.Load(); p != nil && len(*p) > 0 {
-		pref = *p
-	}
-	// The source of the last WireGuard datagram and what it is presented as: a batch mostly comes
-	// from one peer.
-	var last, lastAs netip.AddrPort
+	var last netip.AddrPort // the source last noted for w: a batch mostly comes from one peer
 	for i, size := range sizes {
 		if size <= 0 || size > len(bufs[i]) {
 			continue // nothing here (receive contract), or nothing we can read
@@ -120,28 +114,10 @@ func (b *Bind) demux(bufs [][]byte, sizes []int, eps []conn.Endpoint) {
 		pkt := bufs[i][:size]
 		if isWireGuard(pkt) {
 			wg++
-			if w == nil && pref == nil {
-				continue
-			}
-			from, ok := endpointAddr(eps[i])
-			if !ok {
-				continue
-			}
-			if from != last {
-				if w != nil {
+			if w != nil {
+				if from, ok := endpointAddr(eps[i]); ok && from != last {
 					w.noteReceive(from)
-				}
-				last, lastAs = from, from
-				if chosen, ok := pref[from]; ok {
-					lastAs = chosen
-				}
-			}
-			if lastAs != from {
-				// This node chose another path to the peer: wireguard-go must not roam here (see
-				// Manager.updatePreferredLocked).
-				if std, isStd := eps[i].(*conn.StdNetEndpoint); isStd && std != nil {
-					std.ClearSrc()
-					std.AddrPort = lastAs
+					last = from
 				}
 			}
 			continue

@@ -408,8 +408,12 @@ func (m *Manager) step() (next time.Time) {
 		rs.unacked++
 		soon(now.Add(m.bindRetryLocked(rs)))
 	}
+	roamErr := m.bind.roamErr.Swap(nil)
 	for key, p := range m.peers {
 		soon(m.suspectLocked(p, now))
+		if roamErr != nil {
+			m.roamErrLocked(p, *roamErr)
+		}
 		for _, c := range p.cands {
 			if c.probeTx != 0 {
 				continue
@@ -611,34 +615,14 @@ func (m *Manager) maybeRequestPunchLocked(p *peerState, now time.Time, force boo
 }
 
 // updatePreferredLocked tells the Bind, for every peer whose chosen path answers, to present the
-// WireGuard datagrams that peer sends through any other relay, or from any other of its
-// candidate addresses, as coming from the chosen path. wireguard-go roams to the source of every
-// authenticated datagram; without this it would follow a straggler through the relay back from a
-// direct path, follow a peer that chose another relay than this node did onto that relay, where a
-// failure of that relay would strand it, or follow the peer's datagrams from a LAN address this
-// node cannot send to (a firewall) off the relay it fell back to: this node's own choice does not
-// change, so nothing would move it back before the next roaming check. A choice that has not
-// answered yet, or missed a probe, leaves wireguard-go free to roam. An address that is a
-// candidate of two peers (private addresses repeat across sites), or the choice of one, is never
-// rewritten.
+// WireGuard datagrams that peer sends through any other relay as coming from the chosen path.
+// wireguard-go roams to the source of every authenticated datagram; without this it would follow
+// a straggler through the relay back from a direct path, or follow a peer that chose another
+// relay than this node did onto that relay, where a failure of that relay would strand it: this
+// node's own choice does not change, so nothing would move it back before the next roaming check.
+// A choice that has not answered yet, or missed a probe, leaves wireguard-go free to roam.
 func (m *Manager) updatePreferredLocked() {
 	next := make(map[netip.AddrPort]netip.AddrPort)
-	chosen := make(map[netip.AddrPort]bool, len(m.peers))
-	for _, p := range m.peers {
-		if p.chosen != nil {
-			chosen[p.chosen.addr] = true
-		}
-	}
-	conflict := map[netip.AddrPort]bool{}
-	prefer := func(from, to netip.AddrPort) {
-		if from == to || chosen[from] {
-			return
-		}
-		if cur, ok := next[from]; ok && cur != to {
-			conflict[from] = true
-		}
-		next[from] = to
-	}
 	for _, p := range m.peers {
 		c := p.chosen
 		if c == nil || !c.alive || c.misses > 0 {
@@ -647,16 +631,10 @@ func (m *Manager) updatePreferredLocked() {
 			continue
 		}
 		for _, rt := range p.info.Relays {
-			if synth, ok := SyntheticEndpoint(rt.Relay, rt.ID); ok {
-				prefer(synth, c.addr)
+			if synth, ok := SyntheticEndpoint(rt.Relay, rt.ID); ok && synth != c.addr {
+				next[synth] = c.addr
 			}
 		}
-		for _, o := range p.cands {
-			prefer(o.addr, c.addr)
-		}
-	}
-	for a := range conflict {
-		delete(next, a)
 	}
 	if cur := m.bind.preferred.Load(); cur != nil && maps.Equal(*cur, next) {
 		return

@@ -184,6 +184,14 @@ func (b *Bind) noteSend(w *watchTable, bufs [][]byte, ep conn.Endpoint, err erro
 	}
 	a := w.byAddr[to]
 	if a == nil {
+		if pathError(err) {
+			// wireguard-go roamed to an address this node cannot send to (the source of a
+			// datagram from the peer): the Manager applies its choice again at once.
+			b.sendErrs.Add(1)
+			failed := to // a copy of its own: only this rare branch allocates
+			b.roamErr.Store(&failed)
+			w.wake()
+		}
 		return
 	}
 	if err != nil {
