@@ -144,3 +144,15 @@ func (l *natLab) undoRules(t *testing.T, rules [][]string) func() {
 		}
 	}
 }
+
+// testDirectRefused: a1's firewall rejects its datagrams to natB's public address (every send of
+// the direct path a1 ↔ b1 fails with EPERM; the relay stays reachable) while b1 requests web-a1.
+func (l *natLab) testDirectRefused(t *testing.T) {
+	a1, b1 := l.h("a1"), l.h("b1")
+	l.cutAndRepair(t, cutCase{a: b1, b: a1, kind: "direct", effect: "a1's sends to natB refused (EPERM)",
+		cut: func(t *testing.T) func() {
+			rule := []string{"OUTPUT", "-p", "udp", "-d", b1.site.Public.String(), "-j", "REJECT"}
+			a1.node.MustExec(t, append([]string{"iptables", "-I"}, rule...)...)
+			return l.undoRules(t, [][]string{append([]string{a1.node.NS}, rule...)})
+		}})
+}

@@ -292,6 +292,7 @@ func TestNATLab(t *testing.T) {
 	t.Run("8 two relays one killed", l.testTwoRelays)
 	t.Run("9 direct path cut silently", l.testDirectCut)
 	t.Run("10 lan path refused by a firewall", l.testLANRefused)
+	t.Run("11 direct path refused by a firewall", l.testDirectRefused)
 	t.Run("join token not logged", l.testTokenNotLogged)
 	for _, pair := range [][2]string{{"a1", "a2"}, {"a1", "b1"}, {"b1", "a1"}, {"c1", "d1"}, {"a1", "c1"}, {"c1", "a1"},
 		{"a1", "cloud"}, {"c1", "cloud"}, {"cloud", "c1"}} {
@@ -310,7 +311,8 @@ func TestNATLab(t *testing.T) {
 				if strings.Contains(line, "punch") || strings.Contains(line, "prime") || strings.Contains(line, "msg=path ") ||
 					strings.Contains(line, "registered with relay") || strings.Contains(line, "relay session") ||
 					strings.Contains(line, `msg="path dead"`) || strings.Contains(line, `msg="path suspected"`) ||
-					strings.Contains(line, "endpoint ejected") {
+					strings.Contains(line, "endpoint ejected") || strings.Contains(line, "roaming") ||
+					strings.Contains(line, "replayed") {
 					lines = append(lines, line)
 				}
 			}

@@ -202,9 +202,9 @@ type Bind struct {
 	// watch holds the endpoints the Manager applied, whose traffic is watched (watch.go).
 	watch atomic.Pointer[watchTable]
 	holds holdTable // initiations sent to hold endpoints (hold.go)
-	// roamErr is the last unwatched address a WireGuard send failed to with a path error (nil:
-	// none since the Manager took it).
-	roamErr atomic.Pointer[netip.AddrPort]
+	// roamed is the last unwatched address a WireGuard send failed to with a path error, and
+	// what failed (watch.go).
+	roamed roamed
 
 	batchPool sync.Pool // *relayBatch
 

@@ -161,16 +161,27 @@ func (m *Manager) replayLocked(p *peerState, to netip.AddrPort) {
 	}
 }
 
-// roamErrLocked handles a WireGuard send that failed with a path error to addr, an address that is
+// roamErrLocked handles WireGuard sends that failed with a path error to addr, an address that is
 // not the endpoint this node applied for any peer: wireguard-go roamed there after a datagram
-// from it. When addr is one of p's candidates, the miss is counted and p's choice applied again
-// at once, without asking wireguard-go first.
-func (m *Manager) roamErrLocked(p *peerState, addr netip.AddrPort) {
+// from it. When addr is one of p's candidates, the miss is counted, what failed is sent on p's
+// applied endpoint, and p's choice applied again at once, without asking wireguard-go first. It
+// reports whether addr was p's.
+func (m *Manager) roamErrLocked(p *peerState, addr netip.AddrPort, kept [][]byte) bool {
 	c := p.find(addr)
 	if c == nil || p.applied == addr || !p.real {
-		return
+		return false
 	}
 	m.stats.sendErrors.Add(1)
 	m.missLocked(p, c, "send error after roaming")
 	p.reapply = true
+	if len(kept) > 0 {
+		if err := m.bind.sendTo(kept, p.applied); err != nil {
+			m.log.Debug("replay after roaming", "peer", p.info.Name, "to", p.applied, "err", err)
+		} else {
+			m.bind.replayed.Add(uint64(len(kept)))
+		}
+	}
+	m.log.Debug("wireguard-go roamed onto a refused address: choice applied again", "peer", p.info.Name,
+		"refused", addr, "endpoint", p.applied, "replayed", len(kept))
+	return true
 }

@@ -436,7 +436,7 @@ func TestRoamOntoRefusedAddress(t *testing.T) {
 	stop := a.flow(t, b, 20*time.Millisecond)
 	defer stop()
 	p := waitPath(t, a, b, KindRelay)
-	before := a.setCount(b)
+	before, replayedBefore := a.setCount(b), a.bind.Stats().Replayed
 	// What wireguard-go does after a datagram from b's LAN address: it sends there.
 	ep, err := a.bind.ParseEndpoint(b.lan().String())
 	if err != nil {
@@ -449,6 +449,9 @@ func TestRoamOntoRefusedAddress(t *testing.T) {
 	waitUntil(t, "the relay applied again", func() bool { return a.setCount(b) > before })
 	if got := a.applied(b); got != p.Addr {
 		t.Errorf("applied %s after the failed send, want the relay %s", got, p.Addr)
+	}
+	if got := a.bind.Stats().Replayed; got <= replayedBefore {
+		t.Errorf("the datagram that failed was not sent on the relay (Replayed %d before, %d after)", replayedBefore, got)
 	}
 	t.Logf("relay applied again %v after the failed send", time.Since(start).Round(time.Millisecond))
 	if took := time.Since(start); took > 2*time.Second {

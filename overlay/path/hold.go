@@ -128,17 +128,7 @@ func (b *Bind) releaseHeld(from, to netip.AddrPort) (bool, error) {
 	if !ok {
 		return false, nil
 	}
-	var err error
-	if _, _, relayed := ParseSynthetic(to); relayed {
-		err = b.sendRelayed([][]byte{pkt}, to)
-	} else {
-		ep, perr := b.inner.ParseEndpoint(to.String())
-		if perr != nil {
-			return false, fmt.Errorf("path: release held initiation to %s: %w", to, perr)
-		}
-		err = b.inner.Send([][]byte{pkt}, ep)
-	}
-	if err != nil {
+	if err := b.sendTo([][]byte{pkt}, to); err != nil {
 		b.heldDropped.Add(1)
 		return false, fmt.Errorf("path: release held initiation to %s: %w", to, err)
 	}

@@ -408,11 +408,11 @@ func (m *Manager) step() (next time.Time) {
 		rs.unacked++
 		soon(now.Add(m.bindRetryLocked(rs)))
 	}
-	roamErr := m.bind.roamErr.Swap(nil)
+	roamAddr, roamKept := m.bind.takeRoamed()
 	for key, p := range m.peers {
 		soon(m.suspectLocked(p, now))
-		if roamErr != nil {
-			m.roamErrLocked(p, *roamErr)
+		if roamAddr.IsValid() && m.roamErrLocked(p, roamAddr, roamKept) {
+			roamAddr = netip.AddrPort{}
 		}
 		for _, c := range p.cands {
 			if c.probeTx != 0 {

@@ -115,17 +115,7 @@ func (b *Bind) replay(a *activity, to netip.AddrPort) (int, error) {
 	if len(bufs) == 0 {
 		return 0, nil
 	}
-	var err error
-	if _, _, relayed := ParseSynthetic(to); relayed {
-		err = b.sendRelayed(bufs, to)
-	} else {
-		ep, perr := b.inner.ParseEndpoint(to.String())
-		if perr != nil {
-			return 0, perr
-		}
-		err = b.inner.Send(bufs, ep)
-	}
-	if err != nil {
+	if err := b.sendTo(bufs, to); err != nil {
 		return 0, err
 	}
 	b.replayed.Add(uint64(len(bufs)))
@@ -186,16 +176,18 @@ func (b *Bind) noteSend(w *watchTable, bufs [][]byte, ep conn.Endpoint, err erro
 	if a == nil {
 		if pathError(err) {
 			// wireguard-go roamed to an address this node cannot send to (the source of a
-			// datagram from the peer): the Manager applies its choice again at once.
+			// datagram from the peer): the Manager applies its choice again at once, and sends
+			// what failed there.
 			b.sendErrs.Add(1)
-			failed := to // a copy of its own: only this rare branch allocates
-			b.roamErr.Store(&failed)
+			b.keepRoamed(to, bufs)
 			w.wake()
 		}
 		return
 	}
 	if err != nil {
 		if pathError(err) {
+			// The datagrams never left: the failover sends them on the next path.
+			a.keep(bufs, time.Now().UnixNano())
 			b.sendErrs.Add(1)
 			a.sendErr.Add(1)
 			w.wake()
@@ -239,4 +231,51 @@ func (b *Bind) noteElsewhere(w *watchTable, chosen netip.AddrPort) {
 		b.suspicions.Add(1)
 		w.wake()
 	}
+}
+
+// roamed is what failed to leave for an address wireguard-go roamed to (see keepRoamed). mu
+// guards all following fields.
+type roamed struct {
+	mu   sync.Mutex
+	addr netip.AddrPort // invalid: none since the Manager took them
+	kept activity       // its ring only
+}
+
+// keepRoamed records that WireGuard's datagrams to to (an address no peer's chosen endpoint) failed
+// with a path error, keeping the small ones for takeRoamed. Only the last such address is kept.
+func (b *Bind) keepRoamed(to netip.AddrPort, bufs [][]byte) {
+	r := &b.roamed
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	if r.addr != to {
+		r.kept.takeReplay(time.Now()) // empties the ring
+		r.addr = to
+	}
+	r.kept.keep(bufs, time.Now().UnixNano())
+}
+
+// takeRoamed returns the address of the last failed roam and the datagrams kept for it, and
+// forgets both.
+func (b *Bind) takeRoamed() (netip.AddrPort, [][]byte) {
+	r := &b.roamed
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	addr := r.addr
+	r.addr = netip.AddrPort{}
+	if !addr.IsValid() {
+		return addr, nil
+	}
+	return addr, r.kept.takeReplay(time.Now())
+}
+
+// sendTo sends WireGuard datagrams to a path (a real endpoint, or a relay's synthetic one).
+func (b *Bind) sendTo(bufs [][]byte, to netip.AddrPort) error {
+	if _, _, relayed := ParseSynthetic(to); relayed {
+		return b.sendRelayed(bufs, to)
+	}
+	ep, err := b.inner.ParseEndpoint(to.String())
+	if err != nil {
+		return err
+	}
+	return b.inner.Send(bufs, ep)
 }
