@@ -19,7 +19,8 @@
 //	identity    the keys (Config.Identity or StateDir) and the overlay address
 //	catalog     the source runs; Run waits for its first snapshot. Every snapshot, then and later,
 //	            goes to the proxy and the DNS server at once and is kept as the latest (a.snap)
-//	data plane  service netstack, DNS server on it, TUN and splitter
+//	data plane  service netstack, DNS server on it, TUN and splitter; from here flows to endpoints
+//	            on this node are served, flows to other nodes fail until up
 //	mesh        wireguard-go, the path manager, the relay client and the forward listener start;
 //	            the mesh is private to Run: snapshots that arrive meanwhile are only kept
 //	up          the mesh is published (a.meshP) and given the latest snapshot, both under
@@ -359,10 +360,20 @@ var _ netstack.Admitter = (*proxy.Proxy)(nil)
 // meshDialer is the proxy's EndpointDialer: the mesh once it exists.
 type meshDialer Agent
 
+// Until the mesh is up, endpoints on this node are dialled directly (the service netstack serves
+// before the mesh starts) and endpoints on other nodes fail.
 func (d *meshDialer) DialEndpoint(ctx context.Context, proto discovery.Protocol, ep *discovery.Endpoint, addr netip.AddrPort) (net.Conn, error) {
-	m := (*Agent)(d).meshP.Load()
-	if m == nil {
-		return nil, errors.New("agent not running")
+	a := (*Agent)(d)
+	m := a.meshP.Load()
+	if m != nil {
+		return m.DialEndpoint(ctx, proto, ep, addr)
 	}
-	return m.DialEndpoint(ctx, proto, ep, addr)
+	if ep.NodeName != "" && ep.NodeName != a.cfg.NodeName {
+		return nil, fmt.Errorf("endpoint %s on node %s: the mesh is not up yet", addr, ep.NodeName)
+	}
+	network := "tcp"
+	if proto == discovery.UDP {
+		network = "udp"
+	}
+	return a.cfg.DialLocal(ctx, network, addr.String())
 }

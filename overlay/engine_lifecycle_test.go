@@ -282,3 +282,44 @@ func startWithRelay(t *testing.T, tr *trio) *testRelay {
 	}
 	return r
 }
+
+// TestEngineServiceFlowsBeforeMeshUp holds the agent while its mesh starts: the service netstack
+// already serves, and a flow to an endpoint on the node itself reaches it.
+func TestEngineServiceFlowsBeforeMeshUp(t *testing.T) {
+	tr := newTrio(t)
+	a := tr.a
+	reached, release := make(chan struct{}), make(chan struct{})
+	cfg := a.config(t, tr.net)
+	listen := cfg.ListenUAPI
+	cfg.ListenUAPI = func(name string) (net.Listener, error) {
+		close(reached)
+		<-release
+		return listen(name)
+	}
+	a.src.snaps <- tr.catalog()
+	a.start(t, cfg)
+	select {
+	case <-reached:
+	case <-time.After(engineWait):
+		t.Fatal("the agent never started its mesh")
+	}
+	released := false
+	defer func() {
+		if !released {
+			close(release)
+		}
+	}()
+	if a.agent.meshP.Load() != nil {
+		t.Fatal("the mesh is published while it starts")
+	}
+	svcIP := a.agent.snap.Load().Services[0].IP
+	if err := a.roundTrip(netip.AddrPortFrom(svcIP, 80), "before the mesh", 10*time.Second); err != nil {
+		t.Fatalf("flow to the local endpoint while the mesh starts: %v", err)
+	}
+	if n := a.local.dials.Load(); n < 1 {
+		t.Errorf("%d local dials, want at least 1", n)
+	}
+	close(release)
+	released = true
+	a.waitUp(t)
+}
