@@ -177,6 +177,11 @@ func (a *Agent) Run(ctx context.Context) (err error) {
 	case <-first:
 	case err := <-srcErr:
 		srcErr <- nil // the cleanup above reads it again
+		if err == nil && ctx.Err() != nil {
+			// Stopped while waiting: the source returned because ctx is done, and this select
+			// may see that before ctx.Done.
+			return nil
+		}
 		if err == nil {
 			return errors.New("catalog source stopped before its first snapshot")
 		}
