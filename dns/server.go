@@ -42,7 +42,7 @@ const (
 	DefaultWorkers        = 32
 	DefaultQueueLen       = 512
 	DefaultMaxForwards    = 64
-	DefaultSourceRate     = 20000
+	DefaultSourceRate     = 10000
 	DefaultMaxSources     = 4096
 	DefaultMaxTCPConns    = 128
 )
@@ -94,8 +94,10 @@ type Config struct {
 	// (Stats.ForwardRefused).
 	MaxForwards int
 	// SourceRate is how many UDP datagrams per second one source IP address may send (default
-	// 20000); beyond, they are dropped before being parsed (Stats.RateLimited). A query that needs
-	// an upstream costs 10 (at most 2000 a second). Every process of a node queries from the
+	// 10000); beyond, they are dropped before being parsed (Stats.RateLimited). A query that needs
+	// an upstream costs 10 (at most 1000 a second). Each admitted datagram costs the node's one
+	// TUN reader the netstack's and the server's work, so under a flood the rate is what the
+	// reader spends on the flooder instead of draining the TUN for everyone else. Every process of a node queries from the
 	// node's own addresses, so the default is well above the thousands a second a busy node's
 	// resolvers ask, and a small part of the 300,000 and more the read loop answers over loopback
 	// (BenchmarkUDPThroughput): one flooding source cannot starve the others. Negative: no

@@ -123,9 +123,49 @@ func within(now, idle int) bool {
 
 // loadLab is the topology above with both agents up and the catalog loaded.
 type loadLab struct {
-	lab          *Lab
-	node1, node2 *Node
-	agents       []*loadAgent
+	lab                           *Lab
+	node1, node2                  *Node
+	meshctl, services, resolvConf string
+	agents                        []*loadAgent
+	starts                        int
+}
+
+// startAgents stops the agents that run and starts both afresh, each in a memory cgroup of its own
+// (each load is measured from fresh agents: what one load leaves behind is not the next one's
+// baseline), and waits until node2 reaches a service on node1 through the mesh.
+func (ll *loadLab) startAgents(t *testing.T) {
+	t.Helper()
+	for _, a := range ll.agents {
+		if err := a.Stop(10 * time.Second); err != nil {
+			t.Fatalf("stop %s: %v\n%s", a, err, a.Tail(20))
+		}
+	}
+	ll.agents = nil
+	ll.starts++
+	for _, n := range []*Node{ll.node1, ll.node2} {
+		cg := NewMemCgroup(t, ll.lab, fmt.Sprintf("%s-agent%d", n.Role, ll.starts), loadMemLimit)
+		a := StartAgent(t, n, AgentOptions{
+			Meshctl: ll.meshctl, ServicesFile: ll.services, ResolvConf: ll.resolvConf, LogLevel: "info",
+			Cgroup: cg, NoFile: loadNoFile,
+			Extra: []string{"--health-addr", "127.0.0.1:9269", "--pprof"},
+		})
+		a.WaitReady(t, 30*time.Second)
+		ll.agents = append(ll.agents, &loadAgent{Agent: a, cg: cg})
+	}
+	// Both agents serve the catalog, and the client node reaches every service through the mesh.
+	Eventually(t, 20*time.Second, 100*time.Millisecond, "web reachable from node2", func() error {
+		if r := curlOnce(ll.node2, "http://"+loadWebIP+"/"); !r.ok() {
+			return fmt.Errorf("%+v", r)
+		}
+		return nil
+	})
+	for _, a := range ll.agents {
+		log := a.Log()
+		if !strings.Contains(log, "resource limits") || !strings.Contains(log, fmt.Sprintf("cgroup_memory_limit=%d", loadMemLimit)) ||
+			!strings.Contains(log, fmt.Sprintf("nofile=%d", loadNoFile)) {
+			t.Fatalf("%s did not log the limits of its cgroup (%d bytes, %d files):\n%s", a, loadMemLimit, loadNoFile, a.Tail(30))
+		}
+	}
 }
 
 func newLoadLab(t *testing.T) *loadLab {
@@ -177,31 +217,8 @@ func newLoadLab(t *testing.T) *loadLab {
 		t.Fatal(err)
 	}
 
-	ll := &loadLab{lab: lab, node1: node1, node2: node2}
-	for _, n := range []*Node{node1, node2} {
-		cg := NewMemCgroup(t, lab, n.Role+"-agent", loadMemLimit)
-		a := StartAgent(t, n, AgentOptions{
-			Meshctl: meshctl, ServicesFile: services, ResolvConf: resolvConf, LogLevel: "info",
-			Cgroup: cg, NoFile: loadNoFile,
-			Extra: []string{"--health-addr", "127.0.0.1:9269", "--pprof"},
-		})
-		a.WaitReady(t, 30*time.Second)
-		ll.agents = append(ll.agents, &loadAgent{Agent: a, cg: cg})
-	}
-	// Both agents serve the catalog, and the client node reaches every service through the mesh.
-	Eventually(t, 20*time.Second, 100*time.Millisecond, "web reachable from node2", func() error {
-		if r := curlOnce(node2, "http://"+loadWebIP+"/"); !r.ok() {
-			return fmt.Errorf("%+v", r)
-		}
-		return nil
-	})
-	for _, a := range ll.agents {
-		log := a.Log()
-		if !strings.Contains(log, "resource limits") || !strings.Contains(log, fmt.Sprintf("cgroup_memory_limit=%d", loadMemLimit)) ||
-			!strings.Contains(log, fmt.Sprintf("nofile=%d", loadNoFile)) {
-			t.Fatalf("%s did not log the limits of its cgroup (%d bytes, %d files):\n%s", a, loadMemLimit, loadNoFile, a.Tail(30))
-		}
-	}
+	// measure starts the agents for each load.
+	ll := &loadLab{lab: lab, node1: node1, node2: node2, meshctl: meshctl, services: services, resolvConf: resolvConf}
 	return ll
 }
 
@@ -318,6 +335,7 @@ type loadOutcome struct {
 // return to its idle footprint, and reports what happened. It fails t only when the harness itself
 // fails; check holds the outcome to the goals.
 func (ll *loadLab) measure(t *testing.T, ld load) loadOutcome {
+	ll.startAgents(t)
 	n := len(ll.agents)
 	o := loadOutcome{idle: make([]footprint, n), final: make([]footprint, n), peak: make([]uint64, n),
 		oomKills: make([]int64, n), exited: make([]bool, n), recovered: make([]time.Duration, n)}
