@@ -436,6 +436,12 @@ func TestRoamOntoRefusedAddress(t *testing.T) {
 	stop := a.flow(t, b, 20*time.Millisecond)
 	defer stop()
 	p := waitPath(t, a, b, KindRelay)
+	// The Manager installs the watched endpoints after it applies a choice: until then b's LAN
+	// address is still watched, and a failed send there counts against it instead of as a roam.
+	waitUntil(t, "b's LAN address no longer watched", func() bool {
+		w := a.bind.watch.Load()
+		return w != nil && w.byAddr[b.lan()] == nil
+	})
 	before, replayedBefore := a.setCount(b), a.bind.Stats().Replayed
 	// What wireguard-go does after a datagram from b's LAN address: it sends there.
 	ep, err := a.bind.ParseEndpoint(b.lan().String())
