@@ -12,13 +12,17 @@ import (
 // Probe asks the server at addr ("ip:port") over TCP for the SOA of zone and checks the answer: a
 // round trip through everything between the caller and the server (in the agent: the kernel's route
 // to the TUN, the service netstack, the DNS server and back). It is the agent's readiness check.
-func Probe(ctx context.Context, addr, zone string) error {
+// dial opens the connection; nil means a net.Dialer. Without a deadline on ctx the exchange is
+// bounded by DefaultForwardTimeout.
+func Probe(ctx context.Context, dial func(ctx context.Context, network, address string) (net.Conn, error), addr, zone string) error {
 	deadline, ok := ctx.Deadline()
 	if !ok {
 		deadline = time.Now().Add(DefaultForwardTimeout)
 	}
-	var d net.Dialer
-	conn, err := d.DialContext(ctx, "tcp", addr)
+	if dial == nil {
+		dial = new(net.Dialer).DialContext
+	}
+	conn, err := dial(ctx, "tcp", addr)
 	if err != nil {
 		return fmt.Errorf("dns probe %s: %w", addr, err)
 	}

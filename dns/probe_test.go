@@ -15,12 +15,12 @@ func TestProbe(t *testing.T) {
 	defer cancel()
 
 	t.Run("the server answers", func(t *testing.T) {
-		if err := Probe(ctx, tcp, "cluster.local"); err != nil {
+		if err := Probe(ctx, nil, tcp, "cluster.local"); err != nil {
 			t.Fatalf("Probe: %v", err)
 		}
 	})
 	t.Run("another zone is refused", func(t *testing.T) {
-		err := Probe(ctx, tcp, "example.invalid")
+		err := Probe(ctx, nil, tcp, "example.invalid")
 		if err == nil || !strings.Contains(err.Error(), "rcode") {
 			t.Fatalf("Probe of a zone the server does not hold: %v, want an rcode error", err)
 		}
@@ -32,7 +32,7 @@ func TestProbe(t *testing.T) {
 		}
 		addr := ln.Addr().String()
 		ln.Close()
-		if err := Probe(ctx, addr, "cluster.local"); err == nil {
+		if err := Probe(ctx, nil, addr, "cluster.local"); err == nil {
 			t.Fatal("Probe of a closed port succeeded")
 		}
 	})
@@ -59,7 +59,7 @@ func TestProbe(t *testing.T) {
 		short, cancel := context.WithTimeout(ctx, 200*time.Millisecond)
 		defer cancel()
 		start := time.Now()
-		if err := Probe(short, ln.Addr().String(), "cluster.local"); err == nil {
+		if err := Probe(short, nil, ln.Addr().String(), "cluster.local"); err == nil {
 			t.Fatal("Probe of a silent server succeeded")
 		}
 		if took := time.Since(start); took > 2*time.Second {

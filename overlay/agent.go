@@ -276,11 +276,11 @@ func (a *Agent) Run(ctx context.Context) (err error) {
 
 	if a.health != nil {
 		dnsAddr := dnsAP.String()
-		dial := (&net.Dialer{}).DialContext
+		var dial func(ctx context.Context, network, address string) (net.Conn, error) // nil: the host's
 		if hd, ok := dev.(HostDialer); ok {
 			dial = hd.DialContext
 		}
-		a.health.set("", func(ctx context.Context) error { return probeDNS(ctx, dial, dnsAddr, cfg.ClusterDomain) })
+		a.health.set("", func(ctx context.Context) error { return dns.Probe(ctx, dial, dnsAddr, cfg.ClusterDomain) })
 	}
 	a.logger.Info("agent up",
 		"node", cfg.NodeName, "tun", dev.Name(), "service_cidr", cfg.ServiceCIDR,

@@ -9,8 +9,6 @@ import (
 	"net/http/pprof"
 	"sync"
 	"time"
-
-	mdns "github.com/miekg/dns"
 )
 
 // health is the agent's HTTP health endpoint (--health-addr), for kubelet probes and load
@@ -135,31 +133,4 @@ func (h *health) close() error {
 		err = nil
 	}
 	return err
-}
-
-// probeDNS asks the DNS server at addr ("ip:port") over TCP, dialled with dial (the host's side of
-// the TUN), for the SOA of zone and checks the answer: the readiness round trip.
-func probeDNS(ctx context.Context, dial func(ctx context.Context, network, address string) (net.Conn, error), addr, zone string) error {
-	conn, err := dial(ctx, "tcp", addr)
-	if err != nil {
-		return fmt.Errorf("dns probe %s: %w", addr, err)
-	}
-	defer conn.Close()
-	if dl, ok := ctx.Deadline(); ok {
-		conn.SetDeadline(dl)
-	}
-	q := new(mdns.Msg)
-	q.SetQuestion(mdns.Fqdn(zone), mdns.TypeSOA)
-	co := &mdns.Conn{Conn: conn}
-	if err := co.WriteMsg(q); err != nil {
-		return fmt.Errorf("dns probe %s: write: %w", addr, err)
-	}
-	r, err := co.ReadMsg()
-	if err != nil {
-		return fmt.Errorf("dns probe %s: read: %w", addr, err)
-	}
-	if r.Id != q.Id || r.Rcode != mdns.RcodeSuccess || len(r.Answer) == 0 {
-		return fmt.Errorf("dns probe %s: SOA %s: rcode %s, %d answers", addr, zone, mdns.RcodeToString[r.Rcode], len(r.Answer))
-	}
-	return nil
 }

@@ -31,10 +31,10 @@ const (
 // 8192. DefaultMaxUDPFlows is its UDP counterpart: fdLimit/10 (one descriptor a flow), at least 32
 // and at most 4096. The per-peer defaults are half of these. At the load goals' limit of 20,000:
 // 4,000 TCP connections (2,000 per peer) and 2,000 UDP flows (1,000 per peer).
-func DefaultMaxTCPFlows(fdLimit int) int { return flows.Share(fdLimit, 5, 64, 8192) }
+func DefaultMaxTCPFlows(fdLimit int) int { return flows.DefaultTCP(fdLimit) }
 
 // DefaultMaxUDPFlows: see DefaultMaxTCPFlows.
-func DefaultMaxUDPFlows(fdLimit int) int { return flows.Share(fdLimit, 10, 32, 4096) }
+func DefaultMaxUDPFlows(fdLimit int) int { return flows.DefaultUDP(fdLimit) }
 
 // ListenerConfig configures a Listener. Zero values mean the defaults written beside each field.
 type ListenerConfig struct {
@@ -171,23 +171,10 @@ func NewListener(cfg ListenerConfig) (*Listener, error) {
 	if cfg.HeaderTimeout <= 0 {
 		cfg.HeaderTimeout = DefaultHeaderTimeout
 	}
-	if cfg.MaxTCPFlows <= 0 || cfg.MaxUDPFlows <= 0 {
-		fds := flows.FDLimit()
-		if cfg.MaxTCPFlows <= 0 {
-			cfg.MaxTCPFlows = DefaultMaxTCPFlows(fds)
-		}
-		if cfg.MaxUDPFlows <= 0 {
-			cfg.MaxUDPFlows = DefaultMaxUDPFlows(fds)
-		}
-	}
-	if cfg.MaxTCPFlowsPerPeer <= 0 {
-		cfg.MaxTCPFlowsPerPeer = max(cfg.MaxTCPFlows/2, 1)
-	}
-	if cfg.MaxUDPFlowsPerPeer <= 0 {
-		cfg.MaxUDPFlowsPerPeer = max(cfg.MaxUDPFlows/2, 1)
-	}
-	cfg.MaxTCPFlowsPerPeer = min(cfg.MaxTCPFlowsPerPeer, cfg.MaxTCPFlows)
-	cfg.MaxUDPFlowsPerPeer = min(cfg.MaxUDPFlowsPerPeer, cfg.MaxUDPFlows)
+	caps := flows.Caps{TCP: cfg.MaxTCPFlows, UDP: cfg.MaxUDPFlows,
+		TCPPerOne: cfg.MaxTCPFlowsPerPeer, UDPPerOne: cfg.MaxUDPFlowsPerPeer}.WithDefaults(2)
+	cfg.MaxTCPFlows, cfg.MaxUDPFlows = caps.TCP, caps.UDP
+	cfg.MaxTCPFlowsPerPeer, cfg.MaxUDPFlowsPerPeer = caps.TCPPerOne, caps.UDPPerOne
 	if cfg.UDPEvictIdle <= 0 {
 		cfg.UDPEvictIdle = cfg.UDPIdleTimeout / 4
 	}

@@ -10,23 +10,10 @@ import (
 
 // flowDefaults fills in the zero flow caps of cfg, whose UDPIdleTimeout is already set.
 func flowDefaults(cfg Config) Config {
-	if cfg.MaxTCPFlows <= 0 || cfg.MaxUDPFlows <= 0 {
-		fds := flows.FDLimit()
-		if cfg.MaxTCPFlows <= 0 {
-			cfg.MaxTCPFlows = DefaultMaxTCPFlows(fds)
-		}
-		if cfg.MaxUDPFlows <= 0 {
-			cfg.MaxUDPFlows = DefaultMaxUDPFlows(fds)
-		}
-	}
-	if cfg.MaxTCPFlowsPerClient <= 0 {
-		cfg.MaxTCPFlowsPerClient = max(cfg.MaxTCPFlows/4, 1)
-	}
-	if cfg.MaxUDPFlowsPerClient <= 0 {
-		cfg.MaxUDPFlowsPerClient = max(cfg.MaxUDPFlows/4, 1)
-	}
-	cfg.MaxTCPFlowsPerClient = min(cfg.MaxTCPFlowsPerClient, cfg.MaxTCPFlows)
-	cfg.MaxUDPFlowsPerClient = min(cfg.MaxUDPFlowsPerClient, cfg.MaxUDPFlows)
+	caps := flows.Caps{TCP: cfg.MaxTCPFlows, UDP: cfg.MaxUDPFlows,
+		TCPPerOne: cfg.MaxTCPFlowsPerClient, UDPPerOne: cfg.MaxUDPFlowsPerClient}.WithDefaults(4)
+	cfg.MaxTCPFlows, cfg.MaxUDPFlows = caps.TCP, caps.UDP
+	cfg.MaxTCPFlowsPerClient, cfg.MaxUDPFlowsPerClient = caps.TCPPerOne, caps.UDPPerOne
 	if cfg.UDPEvictIdle <= 0 {
 		cfg.UDPEvictIdle = cfg.UDPIdleTimeout / 4
 	}

@@ -131,10 +131,10 @@ const (
 // its UDP counterpart: fdLimit/10, at least 32 and at most 4096. The per-client defaults are a
 // quarter of these. At the load goals' limit of 20,000: 4,000 TCP flows (1,000 per client) and
 // 2,000 UDP flows (500 per client). See overlay/internal/flows for the whole budget.
-func DefaultMaxTCPFlows(fdLimit int) int { return flows.Share(fdLimit, 5, 64, 8192) }
+func DefaultMaxTCPFlows(fdLimit int) int { return flows.DefaultTCP(fdLimit) }
 
 // DefaultMaxUDPFlows: see DefaultMaxTCPFlows.
-func DefaultMaxUDPFlows(fdLimit int) int { return flows.Share(fdLimit, 10, 32, 4096) }
+func DefaultMaxUDPFlows(fdLimit int) int { return flows.DefaultUDP(fdLimit) }
 
 const (
 	defaultMTU            = 1420

@@ -245,3 +245,39 @@ func (t *Table[F]) Evict(c netip.Addr, now int64, minIdle time.Duration) (F, boo
 	t.releaseLocked(c, e)
 	return oldest, true
 }
+
+// Caps are the flow caps of a component: totals and per-client (or per-peer) shares of them.
+type Caps struct {
+	TCP, UDP             int
+	TCPPerOne, UDPPerOne int
+}
+
+// DefaultTCP and DefaultUDP are the default totals for a file-descriptor limit fdLimit: fdLimit/5
+// TCP flows (64-8192) and fdLimit/10 UDP flows (32-4096).
+func DefaultTCP(fdLimit int) int { return Share(fdLimit, 5, 64, 8192) }
+
+// DefaultUDP: see DefaultTCP.
+func DefaultUDP(fdLimit int) int { return Share(fdLimit, 10, 32, 4096) }
+
+// WithDefaults fills c's zero caps: the totals from the file limit in force, the per-one caps as
+// total/perOneDiv (at least 1), and keeps each per-one cap within its total.
+func (c Caps) WithDefaults(perOneDiv int) Caps {
+	if c.TCP <= 0 || c.UDP <= 0 {
+		fds := FDLimit()
+		if c.TCP <= 0 {
+			c.TCP = DefaultTCP(fds)
+		}
+		if c.UDP <= 0 {
+			c.UDP = DefaultUDP(fds)
+		}
+	}
+	if c.TCPPerOne <= 0 {
+		c.TCPPerOne = max(c.TCP/perOneDiv, 1)
+	}
+	if c.UDPPerOne <= 0 {
+		c.UDPPerOne = max(c.UDP/perOneDiv, 1)
+	}
+	c.TCPPerOne = min(c.TCPPerOne, c.TCP)
+	c.UDPPerOne = min(c.UDPPerOne, c.UDP)
+	return c
+}
