@@ -19,6 +19,7 @@ import (
 	"log/slog"
 	"net"
 	"net/netip"
+	"os"
 	"sync"
 	"syscall"
 
@@ -210,7 +211,8 @@ func (d *Device) Close() error {
 			errs = append(errs, fmt.Errorf("tun %s: delete address %v: %w", d.name, a.IPNet, err))
 		}
 	}
-	if err := d.dev.Close(); err != nil {
+	// wireguard-go's device may have closed the TUN already (its Close closes the TUN it reads).
+	if err := d.dev.Close(); err != nil && !errors.Is(err, os.ErrClosed) {
 		errs = append(errs, fmt.Errorf("tun %s: close: %w", d.name, err))
 	}
 	<-d.done
